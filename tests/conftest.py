@@ -1,8 +1,6 @@
-"""Test-wide setup: 8 fake CPU devices (for the sharding tests), float32 matmuls exact."""
+"""Test-wide setup: 8 fake CPU devices, so sharded runs can be compared with one device."""
 
-import os
+import jax
 
-
-import jax  # noqa: E402
-
+# Must run before the CPU backend is created; it does not affect a GPU/TPU backend.
 jax.config.update("jax_num_cpu_devices", 8)
