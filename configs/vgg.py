@@ -1,0 +1,24 @@
+"""The paper protocol on VGG-16-BN.
+
+Command:
+  python train.py --config configs/vgg.py --workdir workdirs/vgg_dnq
+
+Arguments as in configs/resnet.py (`smoke`, `fast`, key=value). Expected time (CIFAR-10,
+batch 64, 400 epochs): about an hour on one H100/H200; not practical on 2 CPU cores.
+"""
+
+from configs import resnet
+from dnq_jax import config as cfg
+
+
+def get_config(arg: str | None = None):
+    words, pairs = cfg.split_arg(arg, resnet.PRESETS)
+    c = cfg.base_config()
+    c.model = "vgg16_bn"
+    if "smoke" in words:
+        resnet.smoke(c)
+    if "fast" in words:
+        resnet.fast(c)
+    cfg.apply_pairs(c, pairs)
+    c.lock()
+    return c

@@ -1,0 +1,141 @@
+"""Checkpoint -> PTQ at each bit-width -> table and JSON (DESIGN.md section 4).
+
+`evaluate_variables` measures FP32 top-1 and the PTQ top-1 at each (w_bits, a_bits) on the
+full test split; `evaluate_workdir` does it for a finished run's final variables (what
+evaluate.py calls).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from dnq_jax import checkpoint, data, ptq
+from dnq_jax import config as cfg
+
+METHODS = ("rtn",)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """How PTQ is measured: bit-widths, calibration set, calibrator, kept layers."""
+
+    bits: tuple[tuple[int, int], ...] = ((8, 8), (4, 4), (2, 4), (2, 2))
+    method: str = "rtn"
+    n_calib: int = 100
+    calib_seed: int = 0
+    calibrator: str = "minmax"
+    keep_ends_8bit: bool = True
+    batch_size: int = 500
+
+    @classmethod
+    def from_config(cls, c: ml_collections.ConfigDict, **overrides: Any) -> EvalSettings:
+        s = cls(
+            bits=tuple(cfg.parse_bits(c.eval_bits)),
+            n_calib=c.n_calib,
+            calib_seed=c.calib_seed,
+            calibrator=c.eval_calibrator,
+            keep_ends_8bit=c.keep_ends_8bit,
+            batch_size=c.eval_batch_size,
+        )
+        return dataclasses.replace(s, **overrides)
+
+
+def bits_name(wb: int, ab: int) -> str:
+    return f"w{wb}a{ab}"
+
+
+def make_accuracy_fn(model, batch_size: int):
+    """fn(variables, images, labels) -> top-1 %; one compiled forward reused across calls."""
+    apply = jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+
+    def accuracy(variables, images, labels) -> float:
+        return ptq.accuracy(lambda x: apply(variables, x), images, labels, batch_size=batch_size)
+
+    return accuracy
+
+
+def evaluate_variables(
+    model, variables, ds: data.Dataset, settings: EvalSettings, progress: bool = True
+) -> dict:
+    """FP32 and PTQ top-1 (percent) on the full test split, plus the settings used."""
+    if settings.method not in METHODS:
+        raise ValueError(f"method: unknown {settings.method!r}; choose from {METHODS}")
+    from tqdm.auto import tqdm
+
+    test_x = np.asarray(data.normalize(ds.test_images, ds.mean, ds.std))
+    calib = data.calibration_subset(ds, settings.n_calib, settings.calib_seed)
+    calib_x = np.asarray(data.normalize(calib, ds.mean, ds.std))
+    results: dict[str, Any] = {}
+    t0 = time.time()
+    bar = tqdm(total=1 + len(settings.bits), desc="PTQ eval", disable=not progress, unit="cfg")
+    results["fp32"] = make_accuracy_fn(model, settings.batch_size)(
+        variables, test_x, ds.test_labels
+    )
+    bar.update(1)
+    for wb, ab in settings.bits:
+        qm = ptq.quantize(
+            model,
+            variables,
+            calib_x,
+            w_bits=wb,
+            a_bits=ab,
+            keep_ends_8bit=settings.keep_ends_8bit,
+            w_calibrator="minmax",
+            a_calibrator=settings.calibrator,
+        )
+        results[bits_name(wb, ab)] = ptq.accuracy(
+            qm, test_x, ds.test_labels, batch_size=settings.batch_size
+        )
+        bar.update(1)
+    bar.close()
+    results["settings"] = {
+        **dataclasses.asdict(settings),
+        "bits": [bits_name(*b) for b in settings.bits],
+        "dataset": ds.name,
+        "num_test": int(ds.num_test),
+        "eval_time_s": round(time.time() - t0, 2),
+    }
+    return results
+
+
+def format_table(results: dict, title: str = "") -> str:
+    """A plain-text table: one row per precision, FP32 first."""
+    keys = ["fp32"] + [k for k in results if k.startswith("w") and k[1:2].isdigit()]
+    lines = [title] if title else []
+    lines += ["precision   top-1 (%)", "---------   ---------"]
+    lines += [f"{k.upper():<11} {results[k]:>9.2f}" for k in keys if k in results]
+    return "\n".join(lines)
+
+
+def write_results(path: str | os.PathLike, results: dict) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=True, default=float))
+    os.replace(tmp, path)
+
+
+def evaluate_workdir(workdir: str, bits: str | None = None, method: str = "rtn",
+                     progress: bool = True) -> dict:
+    """Evaluate the final variables of the run in `workdir`; writes workdir/ptq_results.json."""
+    from dnq_jax.run_setup import create_model, init_variables, load_dataset
+
+    c = checkpoint.read_config(workdir)
+    ds = load_dataset(c)
+    model = create_model(c, ds.num_classes)
+    like = jax.device_get(init_variables(model, c, ds.image_shape))
+    variables = checkpoint.load_final(workdir, like)
+    settings = EvalSettings.from_config(c, method=method)
+    if bits:
+        settings = dataclasses.replace(settings, bits=tuple(cfg.parse_bits(bits)))
+    results = evaluate_variables(model, variables, ds, settings, progress=progress)
+    write_results(Path(workdir) / "ptq_results.json", results)
+    return results

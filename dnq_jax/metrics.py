@@ -1,0 +1,65 @@
+"""Metrics to JSON lines (workdir/metrics.jsonl) and TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _plain(v: Any) -> Any:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return v
+    return v if math.isfinite(v) else str(v)
+
+
+class MetricWriter:
+    """Appends one JSON object per call to metrics.jsonl and mirrors scalars to TensorBoard.
+
+    Each line is flushed and fsynced, so a killed run keeps every line it wrote.
+    TensorBoard output needs tensorboardX; without it only the JSON lines are written.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True) -> None:
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(workdir))
+            except ImportError:
+                self._tb = None
+
+    def write(self, step: int, scalars: dict[str, Any]) -> None:
+        row = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, float):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read(workdir: str | os.PathLike) -> list[dict]:
+    """All rows of workdir/metrics.jsonl (a torn last line from a crash is skipped)."""
+    path = Path(workdir) / "metrics.jsonl"
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows

@@ -1,0 +1,191 @@
+"""The train state and the jitted, sharded train step of DNQ (and of every ablation).
+
+One pure step: gather the batch from device-resident data, augment it, draw this step's
+differential weight noise and activation drop-in from keys folded from the step number, take
+the gradient at the noisy point and apply it to the latent (clean) weights. Steps are run in
+chunks: `lax.scan` on GPU/TPU (one dispatch per chunk, no host round-trip per step) and an
+unrolled body on CPU, where XLA runs conv steps inside a rolled loop many times slower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from dnq_jax import data, taps
+from dnq_jax.dnq import noise
+from dnq_jax.dnq.profiler import NoiseStats
+
+PyTree = Any
+
+# Sub-keys of the run's root key, one per purpose, so no two streams ever share a key.
+KEY_WEIGHT_NOISE, KEY_ACT_NOISE, KEY_AUGMENT, KEY_SHUFFLE, KEY_INIT = 1, 2, 3, 4, 5
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue bit-exactly: checkpointed as one pytree."""
+
+    step: jax.Array  # int32 global step
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    noise_stats: NoiseStats
+    rng: jax.Array  # raw key data of the run's root key (jax.random.key_data)
+    lam_scale: jax.Array  # float32, 1.0; halved by each rollback after a divergence
+
+    def variables(self, params: PyTree | None = None) -> dict:
+        v = {"params": self.params if params is None else params}
+        if self.batch_stats:
+            v["batch_stats"] = self.batch_stats
+        return v
+
+
+def root_key(state: TrainState, impl: str) -> jax.Array:
+    return jax.random.wrap_key_data(state.rng, impl=impl)
+
+
+def sub_key(root: jax.Array, purpose: int) -> jax.Array:
+    return jax.random.fold_in(root, purpose)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """The static (compile-time) settings of a train step."""
+
+    weight_noise: str = "none"  # none | differential | naive | accumulate
+    act_noise: bool = False
+    rho: float = 0.5
+    mask: str = "uniform"
+    tau: float = 1.0
+    label_smoothing: float = 0.0
+    sam: bool = False
+    pad: int = 0
+    flip: bool = False
+    prng_impl: str = "threefry2x32"
+    debug_nan_step: int = -1
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
+    onehot = jax.nn.one_hot(labels, logits.shape[-1])
+    if smoothing:
+        onehot = optax.smooth_labels(onehot, smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot).mean()
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_step(
+    model: nn.Module,
+    graph: taps.Graph,
+    tx: optax.GradientTransformation,
+    s: StepSettings,
+    mean: jax.Array,
+    std: jax.Array,
+    dtype: Any = jnp.float32,
+) -> Callable:
+    """fn(state, images_u8, labels, idx_b, lam, noise_on) -> (state, metrics) for one step.
+
+    `noise_on` is a Python bool (static): the warm-up compiles a step without any noise op.
+    A step whose loss or gradients are not finite leaves the state unchanged and reports
+    `finite=False`, so the run can stop with the last good state intact.
+    """
+
+    def step(state: TrainState, images_u8, labels, idx_b, lam, noise_on: bool):
+        root = root_key(state, s.prng_impl)
+        t = state.step
+        x = images_u8[idx_b]
+        y = labels[idx_b]
+        if s.pad or s.flip:
+            x = data.augment(
+                jax.random.fold_in(sub_key(root, KEY_AUGMENT), t), x, pad=s.pad, flip=s.flip
+            )
+        x = data.normalize(x, mean, std, dtype)
+        if s.debug_nan_step >= 0:
+            x = jnp.where(t == s.debug_nan_step, jnp.nan, x).astype(x.dtype)
+        stats = state.noise_stats
+        k_t, k_prev = noise.step_keys(sub_key(root, KEY_WEIGHT_NOISE), t)
+        act_key = jax.random.fold_in(sub_key(root, KEY_ACT_NOISE), t)
+        perturb_w = noise_on and s.weight_noise in ("differential", "naive")
+
+        def loss_fn(params):
+            p = params
+            if perturb_w:
+                p = noise.weight_noise(p, graph, stats, k_t, k_prev, lam, mode=s.weight_noise)
+            ctx = contextlib.nullcontext()
+            if noise_on and s.act_noise:
+                fn = noise.activation_noise_fn(
+                    graph, stats, act_key, lam, rho=s.rho, mask=s.mask, tau=s.tau
+                )
+                ctx = taps.map_inputs(fn)
+            with ctx:
+                logits, upd = model.apply(
+                    state.variables(p), x, train=True, mutable=["batch_stats"]
+                )
+            loss = cross_entropy(logits, y, s.label_smoothing)
+            return loss, (upd.get("batch_stats", {}), logits)
+
+        (loss, (new_bs, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        extra = {}
+        if s.sam:
+            extra["grad_fn"] = lambda p, _: jax.grad(lambda q: loss_fn(q)[0])(p)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params, **extra)
+        new_params = optax.apply_updates(state.params, updates)
+        if noise_on and s.weight_noise == "accumulate":
+            sample = noise.weight_sample(new_params, graph, stats, k_t, lam)
+            new_params = jax.tree_util.tree_map(jnp.add, new_params, sample)
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        keep = lambda new, old: jax.tree_util.tree_map(
+            lambda a, b: jnp.where(finite, a, b), new, old
+        )
+        new_state = state.replace(
+            step=t + 1,
+            params=keep(new_params, state.params),
+            batch_stats=keep(new_bs, state.batch_stats),
+            opt_state=keep(new_opt, state.opt_state),
+        )
+        metrics = {
+            "loss": loss,
+            "correct": jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.int32),
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    return step
+
+
+def make_chunk_fn(step: Callable, unroll: bool, shardings: dict | None = None) -> Callable:
+    """jit(fn(state, images_u8, labels, idx (K, B), lam, noise_on) -> (state, metrics (K,))).
+
+    The K steps run in one `lax.scan` (rolled on GPU/TPU; fully unrolled on CPU). The state
+    argument is donated. `shardings` (optional) gives 'state', 'data', 'idx' NamedShardings.
+    """
+
+    def chunk(state, images_u8, labels, idx, lam, noise_on):
+        body = lambda st, idx_b: step(st, images_u8, labels, idx_b, lam, noise_on)
+        return jax.lax.scan(body, state, idx, unroll=bool(unroll))
+
+    kwargs: dict = {"static_argnums": (5,), "donate_argnums": (0,)}
+    if shardings is not None:
+        kwargs["in_shardings"] = (
+            shardings["state"],
+            shardings["data"],
+            shardings["data"],
+            shardings["idx"],
+            shardings["replicated"],
+        )
+        kwargs["out_shardings"] = (shardings["state"], shardings["replicated"])
+    return jax.jit(chunk, **kwargs)
