@@ -1,0 +1,171 @@
+"""Speed of the DNQ train step against a plain Flax train step, measured in the same run.
+
+  python benchmarks/train_speed.py                       # ResNet-20, B=128, fp32
+  python benchmarks/train_speed.py --dtype bfloat16 --batch 512 --epoch
+
+Prints ms/step and images/s of both steps (same model, batch, data pipeline: device-resident
+uint8 CIFAR-shaped data, gather, crop+flip, normalise), their ratio, the compile times and
+their ratio, the profiler's cost as a fraction of an epoch, and (with --epoch) the time of a
+scanned 50,000-image epoch with DNQ on and of the same scanned epoch without noise. The last
+line is `ratio dnq/plain: R`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from dnq_jax import data, models, optim, runtime, taps  # noqa: E402
+from dnq_jax.dnq import profiler  # noqa: E402
+from dnq_jax.step import StepSettings, TrainState, make_chunk_fn, make_step  # noqa: E402
+
+
+def _block(tree):
+    jax.block_until_ready(tree)
+    return tree
+
+
+def plain_flax_step(model, tx, mean, std, dtype):
+    """The baseline: what a plain Flax CIFAR trainer's step does, nothing more."""
+
+    def step(params, batch_stats, opt_state, images, labels, idx, key):
+        x = data.augment(key, images[idx], pad=4, flip=True)
+        x = data.normalize(x, mean, std, dtype)
+        y = labels[idx]
+
+        def loss_fn(p):
+            logits, upd = model.apply(
+                {"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+            )
+            onehot = optax.smooth_labels(jax.nn.one_hot(y, logits.shape[-1]), 0.1)
+            return optax.softmax_cross_entropy(logits, onehot).mean(), upd["batch_stats"]
+
+        (loss, bs), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        upd, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, upd), bs, opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def time_steps(fn, n):
+    t0 = time.perf_counter()
+    for _ in range(n):
+        out = fn()
+    _block(out)
+    return (time.perf_counter() - t0) / n
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    ap.add_argument("--num-train", type=int, default=50000)
+    ap.add_argument("--epoch", action="store_true", help="also time scanned epochs")
+    ap.add_argument("--prng-impl", default="threefry2x32")
+    args = ap.parse_args(argv)
+
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print(f"model {args.model}, batch {args.batch}, {args.dtype}, prng {args.prng_impl}")
+    rng = np.random.default_rng(0)
+    n = args.num_train
+    images = jnp.asarray(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+    labels = jnp.asarray(rng.integers(0, 10, n).astype(np.int32))
+    mean, std = jnp.full((3,), 0.5), jnp.full((3,), 0.25)
+    model = models.create(args.model, num_classes=10, dtype=dtype)
+    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(
+        jax.random.key(0)
+    )
+    graph = taps.trace(model, variables, jnp.zeros((2, 32, 32, 3)), train=False)
+    spe = n // args.batch
+    tx = optim.make_optimizer(learning_rate=0.05, total_steps=spe * 10, steps_per_epoch=spe,
+                              weight_decay=5e-4, swa_start_epoch=5)
+    idx = jnp.asarray(rng.permutation(n)[: args.batch].astype(np.int32))
+
+    # Plain Flax step.
+    plain = plain_flax_step(model, tx, mean, std, dtype)
+    p, bs, os_ = variables["params"], variables["batch_stats"], tx.init(variables["params"])
+    key = jax.random.key(1)
+    t0 = time.perf_counter()
+    p, bs, os_, _ = _block(plain(p, bs, os_, images, labels, idx, key))
+    plain_compile = time.perf_counter() - t0
+    state = [p, bs, os_]
+
+    def run_plain():
+        state[:3] = plain(*state, images, labels, idx, key)[:3]
+        return state[0]
+
+    run_plain()
+    plain_ms = 1e3 * time_steps(run_plain, args.steps)
+
+    # DNQ step: differential weight noise + activation drop-in, one jitted step per call.
+    settings = StepSettings(weight_noise="differential", act_noise=True, label_smoothing=0.1,
+                            pad=4, flip=True, prng_impl=args.prng_impl)
+    step = make_step(model, graph, tx, settings, mean, std, dtype)
+    measure = jax.jit(profiler.make_profiler(model, graph, w_bits=2, a_bits=4))
+    calib = data.normalize(images[:100], mean, std)
+    t0 = time.perf_counter()
+    stats = _block(measure(variables, calib))
+    prof_compile = time.perf_counter() - t0
+    prof_ms = 1e3 * time_steps(lambda: measure(variables, calib), 5)
+    st = TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+        noise_stats=stats,
+        rng=jax.random.key_data(jax.random.key(0, impl=args.prng_impl)),
+        lam_scale=jnp.ones([], jnp.float32),
+    )
+    dnq = jax.jit(lambda s, lam: step(s, images, labels, idx, lam, True), donate_argnums=0)
+    lam = jnp.float32(0.5)
+    t0 = time.perf_counter()
+    st, _ = _block(dnq(st, lam))
+    dnq_compile = time.perf_counter() - t0
+    box = [st]
+
+    def run_dnq():
+        box[0], _ = dnq(box[0], lam)
+        return box[0].params
+
+    run_dnq()
+    dnq_ms = 1e3 * time_steps(run_dnq, args.steps)
+
+    ratio = dnq_ms / plain_ms
+    epoch_ms = dnq_ms * spe
+    b = args.batch
+    print(f"{'step':<8}{'ms/step':>10}{'img/s':>10}{'compile s':>11}")
+    print(f"{'plain':<8}{plain_ms:>10.2f}{1e3 * b / plain_ms:>10.0f}{plain_compile:>11.1f}")
+    print(f"{'dnq':<8}{dnq_ms:>10.2f}{1e3 * b / dnq_ms:>10.0f}{dnq_compile:>11.1f}")
+    print(f"compile ratio dnq/plain: {dnq_compile / plain_compile:.2f}")
+    print(f"profiler: {prof_ms:.1f} ms per call (compile {prof_compile:.1f} s) = "
+          f"{100 * prof_ms / epoch_ms:.2f}% of a {spe}-step epoch")
+    if args.epoch:
+        sh = runtime.shardings(runtime.make_mesh(1))
+        chunk = make_chunk_fn(step, unroll=runtime.is_cpu(), shardings=sh)
+        all_idx = jax.jit(lambda k: data.epoch_indices(k, n, b), out_shardings=sh["idx"])(key)
+        for noise_on in (False, True):
+            t0 = time.perf_counter()
+            box[0], m = _block(chunk(box[0], images, labels, all_idx, lam, noise_on))
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            box[0], m = _block(chunk(box[0], images, labels, all_idx, lam, noise_on))
+            name = "dnq" if noise_on else "no-noise"
+            print(f"scanned epoch ({name}, {spe} steps): {time.perf_counter() - t0:.3f} s "
+                  f"(first call {first:.1f} s)")
+    print(f"ratio dnq/plain: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

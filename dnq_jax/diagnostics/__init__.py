@@ -1,0 +1,1 @@
+"""Diagnostics: plots of results and training curves."""
