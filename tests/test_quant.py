@@ -351,6 +351,7 @@ def test_one_signed_data_gets_a_range_with_zero_and_no_far_end_clipping(method):
     # e.g. the pooled post-ReLU input of a classifier head: all values in [2, 5]
     x = jnp.asarray(np.random.default_rng(0).uniform(2.0, 5.0, (512,)), jnp.float32)
     lo, hi = quant.calibrate(x, 4, method=method)
+    lo, hi = lo.reshape(()), hi.reshape(())
     assert float(lo) == 0.0 and float(hi) > 4.0
     err = np.abs(np.asarray(quant.fake_quant_asymmetric(x, lo, hi, 4)) - np.asarray(x))
     step = float(hi - lo) / 15
