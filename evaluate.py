@@ -8,7 +8,7 @@ Prints a table and writes WORKDIR/ptq_results.json ({"fp32": top1, "w4a4": top1,
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir written by train.py.")
@@ -20,6 +20,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)
     from dnq_jax import cli, evaluate
 
     def run():

@@ -10,7 +10,7 @@ same command resumes from the newest checkpoint in the workdir.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -23,6 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
     from dnq_jax import cli, evaluate, train
 
     def run():

@@ -183,7 +183,7 @@ def _synthetic(limits) -> dict:
     for split, n, seed in (("train", limits["train"] or 2048, 1), ("test", limits["test"] or 512, 2)):
         r = np.random.default_rng(seed)
         labels = r.integers(0, 10, n).astype(np.int32)
-        x = 128 + 50 * templates[labels] + 60 * r.normal(size=(n, 16, 16, 3))
+        x = 128 + 50 * templates[labels] + 40 * r.normal(size=(n, 16, 16, 3))
         out[split] = (np.clip(x, 0, 255).astype(np.uint8), labels)
     return out
 

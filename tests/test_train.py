@@ -1,0 +1,87 @@
+"""The trainer end to end on the smoke config: learning, sharding, resuming."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import resnet
+from dnq_jax import metrics
+from dnq_jax.train import train_and_evaluate
+
+
+def _config(extra=""):
+    return resnet.get_config("smoke" + ("," + extra if extra else ""))
+
+
+def _final_params(workdir):
+    return ocp.StandardCheckpointer().restore((workdir / "final").absolute())["params"]
+
+
+def _epoch_losses(workdir):
+    return np.array([r["train_loss"] for r in metrics.read(workdir) if "train_loss" in r])
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("smoke")
+    c = _config("num_epochs=5,ckpt_every_epochs=1,keep_checkpoints=10,num_devices=1,progress=False")
+    results = train_and_evaluate(c, str(wd))
+    return wd, results
+
+
+def test_smoke_trains_and_writes_results(smoke_run):
+    wd, results = smoke_run
+    on_disk = json.loads((wd / "results.json").read_text())
+    for key in ("fp32", "w8a8", "w4a4"):
+        assert 0.0 <= on_disk[key] <= 100.0
+        assert on_disk[key] == pytest.approx(results[key])
+    assert on_disk["settings"]["n_calib"] == 16
+    assert on_disk["swa_snapshots"] == 3  # epochs 2, 3, 4 of 0..4
+    losses = _epoch_losses(wd)
+    assert len(losses) == 5 and losses[-1] < losses[0]
+    rows = [r for r in metrics.read(wd) if "lambda" in r]
+    assert [r["lambda"] for r in rows][:2] == [0.0, 0.0] and rows[-1]["lambda"] == 1.0
+    assert (
+        rows[-1]["w_sigma"] > 0 and rows[-1]["a_sigma"] > 0
+    )  # the profiler ran and fed the statistics
+
+
+def test_resumed_run_matches_uninterrupted_bit_exactly(smoke_run, tmp_path):
+    wd, _ = smoke_run
+    steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    mid = steps[1]  # end of epoch 2: inside the noise stage, before SWA ends
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(wd / "checkpoints" / str(mid), resumed / "checkpoints" / str(mid))
+    c = _config("num_epochs=5,ckpt_every_epochs=1,keep_checkpoints=10,num_devices=1,progress=False")
+    train_and_evaluate(c, str(resumed))
+    a, b = _final_params(wd), _final_params(resumed)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+    np.testing.assert_array_equal(_epoch_losses(wd)[2:], _epoch_losses(resumed))
+
+
+def test_eight_devices_match_one_device(tmp_path):
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets 8 host devices)")
+    runs = {}
+    for n in (1, 8):
+        wd = tmp_path / f"dev{n}"
+        # 20 steps: 5 epochs of 4, noise from epoch 1, SWA from epoch 2.
+        # A small learning rate keeps float reassociation (sharded reductions) from being
+        # amplified by ReLU/rounding flips into visible differences within 20 steps.
+        c = _config(
+            f"num_epochs=5,num_devices={n},eval_bits=w8a8,learning_rate=0.01,progress=False"
+        )
+        runs[n] = train_and_evaluate(c, str(wd))
+        runs[n]["losses"] = _epoch_losses(wd)
+        runs[n]["params"] = _final_params(wd)
+    np.testing.assert_allclose(runs[8]["losses"], runs[1]["losses"], rtol=1e-4)
+    jax.tree_util.tree_map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=2e-4),
+        runs[8]["params"],
+        runs[1]["params"],
+    )
