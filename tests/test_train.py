@@ -80,9 +80,8 @@ def test_eight_devices_match_one_device(tmp_path):
         runs[n]["losses"] = _epoch_losses(wd)
         runs[n]["params"] = _final_params(wd)
     np.testing.assert_allclose(runs[8]["losses"], runs[1]["losses"], rtol=1e-4)
-    # Final (SWA) params: close in norm per leaf; single elements drift further apart where a
+    # Final (SWA) params: close in global norm; single elements drift further apart where a
     # ReLU or a rounding boundary flipped on one side only.
-    for x, y in zip(
-        jax.tree_util.tree_leaves(runs[8]["params"]), jax.tree_util.tree_leaves(runs[1]["params"])
-    ):
-        assert np.linalg.norm(x - y) <= 2e-3 * np.linalg.norm(y) + 1e-6
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(t)])
+    a, b = flat(runs[8]["params"]), flat(runs[1]["params"])
+    assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(b)

@@ -1,0 +1,194 @@
+"""The DNQ error profiler: statistics of the quantization error PTQ will make (DESIGN section 3).
+
+WQE (weight quantization error): E = Q_w(W) - W per kernel, summarised per output channel
+by its mean and standard deviation. AQE (activation quantization error): e = Q_a(x) - x on
+each Conv/Dense input over the calibration images, summarised per call site by two scalars.
+The quantizers are those of `dnq_jax.quant`, the code evaluation uses, so the noise the
+trainer injects models the error that will actually be made. The statistics are a pytree
+(`NoiseStats`) that lives in the train state and is smoothed by an EMA across measurements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from dnq_jax import quant, taps
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class NoiseStats:
+    """Error statistics of every layer; a pytree, so it is jitted, checkpointed and sharded.
+
+    Attributes:
+      w_mu, w_sigma: one (C_out,) float32 array per kernel, in graph.kernel_layers() order:
+        per-output-channel mean and standard deviation of Q_w(W) - W.
+      a_mu, a_sigma: (num_sites,) float32 over graph.layers (call sites): mean and standard
+        deviation of Q_a(x) - x on each site's input.
+      count: int32 scalar, the number of measurements folded in so far (0 = none yet).
+    """
+
+    w_mu: tuple[jax.Array, ...]
+    w_sigma: tuple[jax.Array, ...]
+    a_mu: jax.Array
+    a_sigma: jax.Array
+    count: jax.Array
+
+
+def layer_bits(
+    graph: taps.Graph, w_bits: int, a_bits: int, keep_ends_8bit: bool = True
+) -> dict[str, tuple[int, int]]:
+    """Site name -> (weight bits, input-activation bits), the first and last site at 8 bits
+    when `keep_ends_8bit`, as the evaluation quantizes them.
+
+    A kernel shared by several sites is quantized once, with the bits of its first site
+    (the one `graph.kernel_layers()` and `taps.map_kernels` use).
+
+    Raises:
+      ValueError: if w_bits or a_bits is not an int in 2..16.
+    """
+    w_bits = quant.check_bits(w_bits, "w_bits")
+    a_bits = quant.check_bits(a_bits, "a_bits")
+    ends = {graph.first, graph.last} if keep_ends_8bit else set()
+    return {name: (8, 8) if name in ends else (w_bits, a_bits) for name in graph.names}
+
+
+def init_stats(graph: taps.Graph) -> NoiseStats:
+    """All-zero statistics with count 0, shaped for `graph`; the first EMA update replaces them."""
+    kernels = graph.kernel_layers()
+    n = len(graph.layers)
+    return NoiseStats(
+        w_mu=tuple(jnp.zeros((k.out_channels,), jnp.float32) for k in kernels),
+        w_sigma=tuple(jnp.zeros((k.out_channels,), jnp.float32) for k in kernels),
+        a_mu=jnp.zeros((n,), jnp.float32),
+        a_sigma=jnp.zeros((n,), jnp.float32),
+        count=jnp.zeros((), jnp.int32),
+    )
+
+
+def _check_calibrator(method: str, name: str) -> None:
+    if method not in quant.CALIBRATION_METHODS:
+        raise ValueError(f"{name} must be one of {quant.CALIBRATION_METHODS}, got {method!r}")
+
+
+def _weight_error_stats(kernel: jax.Array, bits: int, method: str) -> tuple[jax.Array, jax.Array]:
+    w = kernel.astype(jnp.float32)
+    err = quant.quantize(w, bits, channel_axis=-1, method=method) - w
+    axes = tuple(range(w.ndim - 1))
+    return jnp.mean(err, axis=axes), jnp.std(err, axis=axes)
+
+
+def make_profiler(
+    model,
+    graph: taps.Graph,
+    *,
+    w_bits: int,
+    a_bits: int,
+    keep_ends_8bit: bool = True,
+    w_calibrator: str = "minmax",
+    a_calibrator: str = "minmax",
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> Callable[[PyTree, jax.Array], NoiseStats]:
+    """A function measuring the WQE/AQE statistics once: fn(variables, calib_images).
+
+    The function is pure and jittable (wrap it in `jax.jit`); it returns one fresh
+    measurement (count = 1), to be folded into the running statistics with `ema_update`.
+    `apply_kwargs` are passed to `model.apply` (default `{'train': False}`: BatchNorm in
+    eval mode, as the evaluation sees it).
+
+    Raises:
+      ValueError: on bad bit-widths or an unknown calibrator.
+    """
+    bits = layer_bits(graph, w_bits, a_bits, keep_ends_8bit)
+    _check_calibrator(w_calibrator, "w_calibrator")
+    _check_calibrator(a_calibrator, "a_calibrator")
+    apply_kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
+    kernels = graph.kernel_layers()
+
+    def activation_error(name: str, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # Reduced inside the forward pass: only two scalars per site outlive the layer call.
+        b = bits[name][1]
+        xf = x.astype(jnp.float32)
+        lo, hi = quant.calibrate(xf, b, method=a_calibrator)
+        err = quant.fake_quant_asymmetric(xf, lo, hi, b) - xf
+        return jnp.mean(err), jnp.std(err)
+
+    def profile(variables: PyTree, calib_images: jax.Array) -> NoiseStats:
+        # WQE is measured on the unfolded kernel, the one the model trains and the noise is
+        # added to. Per-channel quantization is scale-equivariant per output channel: folding
+        # BN multiplies channel c by a_c = gamma_c / sqrt(var_c + eps), which scales its
+        # range, step and error alike (a clipping search picks the same ratio), so for
+        # a_c > 0 the folded kernel's error is this one times a_c. A negative a_c mirrors the
+        # channel, which only changes how ties round.
+        params = variables["params"]
+        w_stats = [
+            _weight_error_stats(taps.get_kernel(params, k), bits[k.name][0], w_calibrator)
+            for k in kernels
+        ]
+        store: dict[str, tuple[jax.Array, jax.Array]] = {}
+        with taps.capture_inputs(store, reduce=activation_error):
+            model.apply(variables, calib_images, **apply_kwargs)
+        missing = [n for n in graph.names if n not in store]
+        if missing:
+            raise ValueError(
+                f"calib_images: the forward pass did not reach sites {missing}; "
+                "was the graph traced with the same model and apply arguments?"
+            )
+        return NoiseStats(
+            w_mu=tuple(m for m, _ in w_stats),
+            w_sigma=tuple(s for _, s in w_stats),
+            a_mu=jnp.stack([store[n][0] for n in graph.names]),
+            a_sigma=jnp.stack([store[n][1] for n in graph.names]),
+            count=jnp.ones((), jnp.int32),
+        )
+
+    return profile
+
+
+def ema_update(stats: NoiseStats, new: NoiseStats, decay: float = 0.9) -> NoiseStats:
+    """Folds one measurement into the running statistics: decay * old + (1 - decay) * new.
+
+    The first measurement (stats.count == 0) replaces the zeros instead of being shrunk
+    towards them. Jittable: the choice is a `jnp.where` on count, not a Python branch.
+
+    Raises:
+      ValueError: if decay is not in [0, 1), or the two stats do not have the same structure.
+    """
+    if isinstance(decay, (int, float)) and not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay}")
+    if jax.tree_util.tree_structure(stats) != jax.tree_util.tree_structure(new):
+        raise ValueError("new: its layers do not match those of stats")
+    first = stats.count == 0
+
+    def fold(old: jax.Array, cur: jax.Array) -> jax.Array:
+        return jnp.where(first, cur, decay * old + (1.0 - decay) * cur).astype(old.dtype)
+
+    return NoiseStats(
+        w_mu=tuple(fold(o, c) for o, c in zip(stats.w_mu, new.w_mu)),
+        w_sigma=tuple(fold(o, c) for o, c in zip(stats.w_sigma, new.w_sigma)),
+        a_mu=fold(stats.a_mu, new.a_mu),
+        a_sigma=fold(stats.a_sigma, new.a_sigma),
+        count=stats.count + 1,
+    )
+
+
+def stats_summary(stats: NoiseStats) -> dict[str, jax.Array]:
+    """Scalar magnitudes for logging, each channel (weights) or site (activations) counted once.
+
+    Keys: 'w_mu_abs' (mean |w_mu|), 'w_sigma' (mean w_sigma), 'a_mu_abs' (mean |a_mu|),
+    'a_sigma' (mean a_sigma).
+    """
+    w_mu = jnp.concatenate([jnp.ravel(m) for m in stats.w_mu])
+    w_sigma = jnp.concatenate([jnp.ravel(s) for s in stats.w_sigma])
+    return {
+        "w_mu_abs": jnp.mean(jnp.abs(w_mu)),
+        "w_sigma": jnp.mean(w_sigma),
+        "a_mu_abs": jnp.mean(jnp.abs(stats.a_mu)),
+        "a_sigma": jnp.mean(stats.a_sigma),
+    }
