@@ -1,0 +1,266 @@
+"""Round-to-nearest (RTN) post-training quantization of any Flax model, and accuracy.
+
+`quantize` folds BatchNorm, assigns bit-widths, calibrates per-tensor activation ranges on
+the folded full-precision model, and fake-quantizes every Conv/Dense kernel once; the
+returned `QuantizedModel` is a jitted logits function whose forward pass only has to
+fake-quantize layer inputs with the stored ranges.
+
+    qm = quantize(model, variables, calib_images, w_bits=4, a_bits=4)
+    print(accuracy(fp32(model, variables), images, labels), accuracy(qm, images, labels))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dnq_jax import quant, taps
+from dnq_jax.ptq import calibration, fold
+
+PyTree = Any
+
+
+class _LogitsFn:
+    """A jitted ``images -> logits`` function whose shape errors name the `images` argument."""
+
+    def __init__(self, fn: Callable[..., jax.Array], *args: Any) -> None:
+        self._jitted = jax.jit(fn)
+        self._args = args
+        self._seen: set[tuple] = set()
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        key = (getattr(images, "shape", None), str(getattr(images, "dtype", None)))
+        if key in self._seen:
+            return self._jitted(*self._args, images)
+        # Only the first call per input shape is wrapped: a failure there is a failed trace,
+        # i.e. inputs the model cannot take; later failures are left as they are.
+        try:
+            out = self._jitted(*self._args, images)
+        except Exception as e:  # noqa: BLE001
+            shape = getattr(images, "shape", type(images).__name__)
+            raise ValueError(
+                f"images: the model cannot be applied to inputs of shape {shape}: {e}"
+            ) from e
+        self._seen.add(key)
+        return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizedModel:
+    """A fake-quantized model: call it on images to get logits (jitted, one compile per shape).
+
+    Attributes:
+      model: the Flax model, unchanged.
+      variables: its variables after BN folding (``'folded_bias'`` holds the folded biases)
+        with every Conv/Dense kernel fake-quantized (dequantized float values).
+      graph: the model's Conv/Dense call sites (`taps.Graph`).
+      act_ranges: ``{site: (lo, hi)}`` per-tensor range of each quantized layer input.
+      w_bits, a_bits: the requested bit-widths (``a_bits`` None: weight-only).
+      bits_per_layer: ``{site: (weight bits, input bits or None)}`` actually used.
+      bn_pairs: the (conv site, BatchNorm path) pairs folded.
+      apply_kwargs: extra keyword arguments of every ``model.apply`` (eval mode).
+    """
+
+    model: nn.Module
+    variables: PyTree
+    graph: taps.Graph
+    act_ranges: calibration.Ranges
+    w_bits: int
+    a_bits: int | None
+    bits_per_layer: dict[str, tuple[int, int | None]]
+    bn_pairs: tuple[fold.Pair, ...] = ()
+    apply_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        forward = lambda variables, ranges, images: self.apply(variables, images, ranges)
+        object.__setattr__(self, "_fn", _LogitsFn(forward, self.variables, self.act_ranges))
+
+    def apply(
+        self, variables: PyTree, images: jax.Array, act_ranges: calibration.Ranges | None = None
+    ) -> jax.Array:
+        """Pure fake-quant forward with the given variables (and ranges, default the stored
+        ones); the building block for methods that learn weights or ranges."""
+        ranges = self.act_ranges if act_ranges is None else act_ranges
+        model_vars, biases = fold.split_folded(variables)
+
+        def fake_quant_input(name: str, x: jax.Array) -> jax.Array:
+            lo, hi = ranges[name]
+            return quant.fake_quant_asymmetric(x, lo, hi, self.bits_per_layer[name][1])
+
+        with fold.folded(biases, self.bn_pairs), taps.map_inputs(fake_quant_input, ranges):
+            return self.model.apply(model_vars, images, **self.apply_kwargs)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """Logits of the fake-quantized model for a batch of images."""
+        return self._fn(images)  # type: ignore[attr-defined]
+
+
+def _check_images(images: Any, name: str) -> None:
+    shape = getattr(images, "shape", None)
+    if shape is None or len(shape) < 1:
+        raise ValueError(f"{name} must be an array of images, batch first, got {type(images)}")
+    if shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(shape)})")
+
+
+def quantize(
+    model: nn.Module,
+    variables: PyTree,
+    calib_images: jax.Array,
+    w_bits: int = 4,
+    a_bits: int | None = 4,
+    *,
+    keep_ends_8bit: bool = True,
+    w_calibrator: str = "minmax",
+    a_calibrator: str = "minmax",
+    fold_bn: bool = True,
+    quantize_activations: bool = True,
+    apply_kwargs: Mapping[str, Any] | None = None,
+    batch_size: int = 128,
+    calib_options: Mapping[str, Any] | None = None,
+) -> QuantizedModel:
+    """Round-to-nearest PTQ of any Flax Linen model with Conv/Dense layers.
+
+    BatchNorm is folded into the conv feeding it; each Conv/Dense kernel is fake-quantized
+    asymmetric per output channel (range by `w_calibrator`); each Conv/Dense input gets an
+    asymmetric per-tensor range (by `a_calibrator`) measured on `calib_images` through the
+    folded full-precision model in eval mode, the same inputs the DNQ profiler measures.
+
+    Args:
+      model: a Flax Linen model; ``model.apply(variables, images, **apply_kwargs)`` must run
+        it in eval mode (BatchNorm on running averages).
+      variables: its trained variables.
+      calib_images: calibration images (e.g. 100 or 1024 training images), normalised as
+        the model takes them.
+      w_bits: weight bit-width, 2..16.
+      a_bits: activation bit-width, 2..16, or None for weight-only quantization.
+      keep_ends_8bit: keep the first and last layer (weights and input) at 8 bits.
+      w_calibrator: ``'minmax'`` or ``'mse'``.
+      a_calibrator: ``'minmax'``, ``'percentile'`` or ``'mse'``.
+      fold_bn: fold BatchNorm into convs before quantizing (the paper's protocol).
+      quantize_activations: False for weight-only quantization.
+      apply_kwargs: extra keyword arguments of ``model.apply``, e.g. ``{'train': False}``.
+      batch_size: calibration images per forward pass.
+      calib_options: options of `dnq_jax.quant.calibrate` (``percentile``, ``p``,
+        ``num_candidates``) for both weights and activations.
+
+    Returns:
+      A `QuantizedModel`: call it on images for logits.
+
+    Raises:
+      ValueError: naming the argument, for bits outside 2..16, an unknown calibrator, an
+        empty `calib_images`, images the model cannot take, or a model without Conv/Dense.
+    """
+    w_bits = quant.check_bits(w_bits, "w_bits")
+    if not quantize_activations:
+        a_bits = None
+    elif a_bits is not None:
+        a_bits = quant.check_bits(a_bits, "a_bits")
+    calibration.check_calibrator(w_calibrator, calibration.WEIGHT_CALIBRATORS, "w_calibrator")
+    calibration.check_calibrator(a_calibrator, calibration.ACTIVATION_CALIBRATORS, "a_calibrator")
+    _check_images(calib_images, "calib_images")
+    calibration.check_positive_int(batch_size, "batch_size")
+    if apply_kwargs is not None and not isinstance(apply_kwargs, Mapping):
+        raise ValueError(f"apply_kwargs must be a mapping or None, got {type(apply_kwargs)}")
+    if calib_options is not None and not isinstance(calib_options, Mapping):
+        raise ValueError(f"calib_options must be a mapping or None, got {type(calib_options)}")
+    apply_kwargs = dict(apply_kwargs or {})
+    calib_options = dict(calib_options or {})
+
+    probe = calib_images[: min(batch_size, calib_images.shape[0])]
+    try:
+        graph = taps.trace(model, variables, probe, **apply_kwargs)
+    except ValueError as e:
+        if str(e).startswith("images:"):
+            raise ValueError(f"calib_images{str(e)[len('images') :]}") from e
+        raise
+    pairs: tuple[fold.Pair, ...] = ()
+    folded_vars = variables
+    if fold_bn:
+        folded_vars, pairs = fold.fold_batchnorm(
+            model, variables, probe, graph=graph, **apply_kwargs
+        )
+
+    bits = calibration.assign_bits(graph, w_bits, a_bits, keep_ends_8bit)
+    ranges: calibration.Ranges = {}
+    if a_bits is not None:
+        forward = lambda v, x: fold.apply_folded(model, v, pairs, x, **apply_kwargs)
+        ranges = calibration.activation_ranges(
+            forward,
+            folded_vars,
+            calib_images,
+            graph,
+            {name: a for name, (_, a) in bits.items()},
+            method=a_calibrator,
+            batch_size=batch_size,
+            **calib_options,
+        )
+    params = calibration.quantize_weights(
+        folded_vars["params"],
+        graph,
+        {name: w for name, (w, _) in bits.items()},
+        method=w_calibrator,
+        **calib_options,
+    )
+    return QuantizedModel(
+        model=model,
+        variables={**folded_vars, "params": params},
+        graph=graph,
+        act_ranges=ranges,
+        w_bits=w_bits,
+        a_bits=a_bits,
+        bits_per_layer=bits,
+        bn_pairs=pairs,
+        apply_kwargs=apply_kwargs,
+    )
+
+
+def fp32(
+    model: nn.Module, variables: PyTree, apply_kwargs: Mapping[str, Any] | None = None
+) -> Callable[[jax.Array], jax.Array]:
+    """The unquantized model as a jitted ``images -> logits`` function, for `accuracy`."""
+    kwargs = dict(apply_kwargs or {})
+    return _LogitsFn(lambda v, x: model.apply(v, x, **kwargs), variables)
+
+
+def accuracy(
+    fn: Callable[[jax.Array], jax.Array],
+    images: jax.Array,
+    labels: jax.Array,
+    batch_size: int = 256,
+) -> float:
+    """Top-1 accuracy in percent of ``fn(images)`` logits against integer `labels`.
+
+    `fn` is a `QuantizedModel`, the result of `fp32`, or any ``images -> logits`` callable.
+    Runs in batches of `batch_size`; the last batch is padded with zeros to the same shape
+    (one compile), and only real images are counted.
+    """
+    if not callable(fn):
+        raise ValueError(f"fn must be a callable images -> logits, got {type(fn)}")
+    _check_images(images, "images")
+    batch_size = calibration.check_positive_int(batch_size, "batch_size")
+    labels = np.asarray(labels)
+    n = int(images.shape[0])
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be {n} integer class ids (one per image), got shape "
+            f"{labels.shape} and dtype {labels.dtype}"
+        )
+    xp = np if isinstance(images, np.ndarray) else jnp
+    batch_size = min(batch_size, n)
+    correct = 0
+    for start in range(0, n, batch_size):
+        batch = images[start : start + batch_size]
+        real = int(batch.shape[0])
+        if real < batch_size:
+            filler = xp.zeros((batch_size - real, *batch.shape[1:]), batch.dtype)
+            batch = xp.concatenate([batch, filler])
+        predicted = np.asarray(jnp.argmax(fn(batch), axis=-1))[:real]
+        correct += int(np.sum(predicted == labels[start : start + real]))
+    return 100.0 * correct / n
