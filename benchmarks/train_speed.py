@@ -76,7 +76,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print(
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
+    )
     print(f"model {args.model}, batch {args.batch}, {args.dtype}, prng {args.prng_impl}")
     rng = np.random.default_rng(0)
     n = args.num_train
@@ -89,8 +91,13 @@ def main(argv=None):
     )
     graph = taps.trace(model, variables, jnp.zeros((2, 32, 32, 3)), train=False)
     spe = n // args.batch
-    tx = optim.make_optimizer(learning_rate=0.05, total_steps=spe * 10, steps_per_epoch=spe,
-                              weight_decay=5e-4, swa_start_epoch=5)
+    tx = optim.make_optimizer(
+        learning_rate=0.05,
+        total_steps=spe * 10,
+        steps_per_epoch=spe,
+        weight_decay=5e-4,
+        swa_start_epoch=5,
+    )
     idx = jnp.asarray(rng.permutation(n)[: args.batch].astype(np.int32))
 
     # Plain Flax step.
@@ -110,8 +117,14 @@ def main(argv=None):
     plain_ms = 1e3 * time_steps(run_plain, args.steps)
 
     # DNQ step: differential weight noise + activation drop-in, one jitted step per call.
-    settings = StepSettings(weight_noise="differential", act_noise=True, label_smoothing=0.1,
-                            pad=4, flip=True, prng_impl=args.prng_impl)
+    settings = StepSettings(
+        weight_noise="differential",
+        act_noise=True,
+        label_smoothing=0.1,
+        pad=4,
+        flip=True,
+        prng_impl=args.prng_impl,
+    )
     step = make_step(model, graph, tx, settings, mean, std, dtype)
     measure = jax.jit(profiler.make_profiler(model, graph, w_bits=2, a_bits=4))
     calib = data.normalize(images[:100], mean, std)
@@ -149,8 +162,10 @@ def main(argv=None):
     print(f"{'plain':<8}{plain_ms:>10.2f}{1e3 * b / plain_ms:>10.0f}{plain_compile:>11.1f}")
     print(f"{'dnq':<8}{dnq_ms:>10.2f}{1e3 * b / dnq_ms:>10.0f}{dnq_compile:>11.1f}")
     print(f"compile ratio dnq/plain: {dnq_compile / plain_compile:.2f}")
-    print(f"profiler: {prof_ms:.1f} ms per call (compile {prof_compile:.1f} s) = "
-          f"{100 * prof_ms / epoch_ms:.2f}% of a {spe}-step epoch")
+    print(
+        f"profiler: {prof_ms:.1f} ms per call (compile {prof_compile:.1f} s) = "
+        f"{100 * prof_ms / epoch_ms:.2f}% of a {spe}-step epoch"
+    )
     if args.epoch:
         sh = runtime.shardings(runtime.make_mesh(1))
         chunk = make_chunk_fn(step, unroll=runtime.is_cpu(), shardings=sh)
@@ -162,8 +177,10 @@ def main(argv=None):
             t0 = time.perf_counter()
             box[0], m = _block(chunk(box[0], images, labels, all_idx, lam, noise_on))
             name = "dnq" if noise_on else "no-noise"
-            print(f"scanned epoch ({name}, {spe} steps): {time.perf_counter() - t0:.3f} s "
-                  f"(first call {first:.1f} s)")
+            print(
+                f"scanned epoch ({name}, {spe} steps): {time.perf_counter() - t0:.3f} s "
+                f"(first call {first:.1f} s)"
+            )
     print(f"ratio dnq/plain: {ratio:.2f}")
 
 

@@ -180,7 +180,10 @@ def _synthetic(limits) -> dict:
     rng = np.random.default_rng(1234)
     templates = rng.normal(size=(10, 16, 16, 3))
     out = {}
-    for split, n, seed in (("train", limits["train"] or 2048, 1), ("test", limits["test"] or 512, 2)):
+    for split, n, seed in (
+        ("train", limits["train"] or 2048, 1),
+        ("test", limits["test"] or 512, 2),
+    ):
         r = np.random.default_rng(seed)
         labels = r.integers(0, 10, n).astype(np.int32)
         x = 128 + 50 * templates[labels] + 40 * r.normal(size=(n, 16, 16, 3))

@@ -71,16 +71,19 @@ def main(argv=None) -> int:
     ]
     for k in keys:
         row = [results[m][k] for m in METHODS]
-        lines.append(f"{k.upper():<11} " + "".join(f"{v:>9.2f}" for v in row)
-                     + f"   {row[1] - row[0]:+7.2f}")
+        lines.append(
+            f"{k.upper():<11} " + "".join(f"{v:>9.2f}" for v in row) + f"   {row[1] - row[0]:+7.2f}"
+        )
     table = "\n".join(lines)
     print(table)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
     (out / "table.txt").write_text(table + "\n")
     plots.accuracy_vs_bits({m.upper(): results[m] for m in METHODS}, out / "accuracy_vs_bits.png")
     plots.training_curves({m.upper(): curves[m] for m in METHODS}, out / "training_curves.png")
-    print(f"\nwall time {time.time() - t0:.0f} s; written under {out.resolve()}: table.txt, "
-          "results.json, accuracy_vs_bits.png, training_curves.png, sgd/, dnq/")
+    print(
+        f"\nwall time {time.time() - t0:.0f} s; written under {out.resolve()}: table.txt, "
+        "results.json, accuracy_vs_bits.png, training_curves.png, sgd/, dnq/"
+    )
     return 0
 
 

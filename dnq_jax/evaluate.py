@@ -123,8 +123,9 @@ def write_results(path: str | os.PathLike, results: dict) -> None:
     os.replace(tmp, path)
 
 
-def evaluate_workdir(workdir: str, bits: str | None = None, method: str = "rtn",
-                     progress: bool = True) -> dict:
+def evaluate_workdir(
+    workdir: str, bits: str | None = None, method: str = "rtn", progress: bool = True
+) -> dict:
     """Evaluate the final variables of the run in `workdir`; writes workdir/ptq_results.json."""
     from dnq_jax.run_setup import create_model, init_variables, load_dataset
 

@@ -212,6 +212,16 @@ def _check_calib_args(method: str, percentile: float, p: float, num_candidates: 
         raise ValueError(f"num_candidates must be a positive int, got {num_candidates}")
 
 
+def include_zero(lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The range widened to contain 0, as BRECQ/QDrop's quantizers do.
+
+    The asymmetric grid clips its zero point into [0, 2^b - 1], so a range without 0 (the
+    pooled post-ReLU input of a head, a channel of all-positive weights) would be anchored at
+    0 and clip everything above ``hi - lo``; containing 0 keeps the grid on the data.
+    """
+    return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+
+
 def calibrate(
     x: jax.Array,
     bits: int,
@@ -285,9 +295,7 @@ def _calibrate(
         lo, hi = _percentiles(xf, (100.0 - percentile, percentile), axes)
     else:
         lo, hi = _minmax(xf, axes)
-    # The grid's zero point is clipped into [0, 2^b - 1], so a range that excludes zero would
-    # clip values at the far end; widen it to include zero, as BRECQ/QDrop do.
-    lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+    lo, hi = include_zero(lo, hi)
     if method == "percentile":
         return lo, hi
     if method in ("mse", "lp"):

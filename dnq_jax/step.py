@@ -136,9 +136,7 @@ def make_step(
             loss = cross_entropy(logits, y, s.label_smoothing)
             return loss, (upd.get("batch_stats", {}), logits)
 
-        (loss, (new_bs, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
+        (loss, (new_bs, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         extra = {}
         if s.sam:
             extra["grad_fn"] = lambda p, _: jax.grad(lambda q: loss_fn(q)[0])(p)

@@ -61,6 +61,7 @@ def _count(params):
 
 def test_registry_names():
     assert set(models.names()) == {
+        "resnet8",
         "resnet20",
         "resnet32",
         "resnet56",

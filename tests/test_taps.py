@@ -132,7 +132,9 @@ def test_capture_matches_manual_forward_under_jit():
     store = run(variables, x)
     p = variables["params"]
     flat = np.asarray(x, np.float64).reshape(3, -1)
-    h = np.maximum(flat @ np.asarray(p["d0"]["kernel"], np.float64) + np.asarray(p["d0"]["bias"]), 0)
+    h = np.maximum(
+        flat @ np.asarray(p["d0"]["kernel"], np.float64) + np.asarray(p["d0"]["bias"]), 0
+    )
     np.testing.assert_allclose(store["d0"], flat, rtol=1e-6)
     np.testing.assert_allclose(store["d1"], h, rtol=1e-4, atol=1e-5)
 
@@ -151,7 +153,9 @@ def test_shared_module_gets_one_kernel_and_several_sites():
     assert graph.names == ("shared", "shared#1")
     assert len(graph.kernel_layers()) == 1
     calls = []
-    new = taps.map_kernels(variables["params"], graph.layers, lambda l, w: (calls.append(l), w)[1])
+    new = taps.map_kernels(
+        variables["params"], graph.layers, lambda layer, w: (calls.append(layer), w)[1]
+    )
     assert len(calls) == 1 and new["shared"]["kernel"] is variables["params"]["shared"]["kernel"]
 
 

@@ -28,8 +28,14 @@ def accuracy_vs_bits(
         ys = [res.get(k, float("nan")) for k in keys]
         ax.plot(range(len(keys)), ys, marker="o", label=name)
         for i, y in enumerate(ys):
-            ax.annotate(f"{y:.1f}", (i, y), textcoords="offset points", xytext=(0, 6),
-                        ha="center", fontsize=8)
+            ax.annotate(
+                f"{y:.1f}",
+                (i, y),
+                textcoords="offset points",
+                xytext=(0, 6),
+                ha="center",
+                fontsize=8,
+            )
     ax.set_xticks(range(len(keys)), [k.upper() for k in keys])
     ax.set_xlabel("precision (RTN PTQ)")
     ax.set_ylabel("test top-1 (%)")

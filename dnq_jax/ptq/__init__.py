@@ -7,7 +7,6 @@ acc = dnq_jax.ptq.accuracy(qm, images, labels)
 from dnq_jax.ptq.calibration import (
     activation_ranges,
     assign_bits,
-    include_zero,
     quantize_kernel,
     quantize_weights,
 )
@@ -24,7 +23,6 @@ __all__ = [
     "foldable_pairs",
     "folded",
     "fp32",
-    "include_zero",
     "quantize",
     "quantize_kernel",
     "quantize_weights",

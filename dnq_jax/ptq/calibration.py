@@ -75,29 +75,18 @@ def assign_bits(
     return out
 
 
-def include_zero(lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The range widened to contain 0, as BRECQ/QDrop's quantizers do.
-
-    The asymmetric grid clips its zero point to the integer range, so a range without 0
-    (a channel of all-positive weights, the input of a layer after a positive bias) would be
-    anchored at 0 and clip everything above ``hi - lo``; containing 0 keeps the grid on the
-    data and represents 0 exactly.
-    """
-    return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
-
-
 def quantize_kernel(
     kernel: jax.Array, bits: int, method: str = "minmax", **calib_kw: Any
 ) -> jax.Array:
     """One kernel fake-quantized asymmetric per output channel (the last axis).
 
     The range comes from `quant.calibrate` (min-max, or the MSE clipping search) and is
-    widened to contain 0 (:func:`include_zero`). Use this wherever the evaluation's weight
+    widened to contain 0 (`quant.include_zero`). Use this wherever the evaluation's weight
     quantizer must be reproduced (e.g. to profile weight quantization error).
     """
     check_calibrator(method, WEIGHT_CALIBRATORS, "w_calibrator")
     lo, hi = quant.calibrate(kernel, bits, method=method, channel_axis=-1, **calib_kw)
-    return quant.fake_quant_asymmetric(kernel, *include_zero(lo, hi), bits)
+    return quant.fake_quant_asymmetric(kernel, lo, hi, bits)
 
 
 def quantize_weights(
@@ -195,7 +184,7 @@ def activation_ranges(
         captured = _capture(apply_fn, variables, images, group, batch_size)
         for site in group:
             lo, hi = quant.calibrate(captured.pop(site), a_bits[site], method=method, **calib_kw)
-            ranges[site] = include_zero(lo.reshape(()), hi.reshape(()))
+            ranges[site] = (lo.reshape(()), hi.reshape(()))
     return ranges
 
 
@@ -219,7 +208,7 @@ def _minmax_ranges(apply_fn, variables, images, sites, batch_size) -> Ranges:
             if site in ranges:
                 lo, hi = jnp.minimum(ranges[site][0], lo), jnp.maximum(ranges[site][1], hi)
             ranges[site] = (lo, hi)
-    return {site: include_zero(lo, hi) for site, (lo, hi) in ranges.items()}
+    return {site: quant.include_zero(lo, hi) for site, (lo, hi) in ranges.items()}
 
 
 def _capture(apply_fn, variables, images, sites, batch_size) -> dict[str, jax.Array]:
