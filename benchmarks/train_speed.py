@@ -102,7 +102,9 @@ def main(argv=None):
 
     # Plain Flax step.
     plain = plain_flax_step(model, tx, mean, std, dtype)
-    p, bs, os_ = variables["params"], variables["batch_stats"], tx.init(variables["params"])
+    # Copies: the plain step donates its inputs, and `variables` is used again below.
+    p, bs = jax.tree_util.tree_map(jnp.copy, (variables["params"], variables["batch_stats"]))
+    os_ = tx.init(p)
     key = jax.random.key(1)
     t0 = time.perf_counter()
     p, bs, os_, _ = _block(plain(p, bs, os_, images, labels, idx, key))

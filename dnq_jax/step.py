@@ -168,13 +168,22 @@ def make_step(
 def make_chunk_fn(step: Callable, unroll: bool, shardings: dict | None = None) -> Callable:
     """jit(fn(state, images_u8, labels, idx (K, B), lam, noise_on) -> (state, metrics (K,))).
 
-    The K steps run in one `lax.scan` (rolled on GPU/TPU; fully unrolled on CPU). The state
+    The K steps run in one rolled `lax.scan` on GPU/TPU and as straight-line code on CPU
+    (`unroll=True`), where XLA runs conv loops many times slower. The state
     argument is donated. `shardings` (optional) gives 'state', 'data', 'idx' NamedShardings.
     """
 
     def chunk(state, images_u8, labels, idx, lam, noise_on):
         body = lambda st, idx_b: step(st, images_u8, labels, idx_b, lam, noise_on)
-        return jax.lax.scan(body, state, idx, unroll=bool(unroll))
+        if not unroll:
+            return jax.lax.scan(body, state, idx)
+        # XLA:CPU runs convolutions inside any loop, even `scan(unroll=True)` of length 1,
+        # about 10x slower than straight-line code, so on CPU the steps are traced one by one.
+        outs = []
+        for k in range(idx.shape[0]):
+            state, m = body(state, idx[k])
+            outs.append(m)
+        return state, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
 
     kwargs: dict = {"static_argnums": (5,), "donate_argnums": (0,)}
     if shardings is not None:
