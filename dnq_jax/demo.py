@@ -27,8 +27,11 @@ from dnq_jax.train import train_and_evaluate
 METHODS = ("sgd", "dnq")
 
 
-def demo_config(method: str, epochs: int = 6):
-    """The demo's budget: resnet8, batch 128, `epochs` epochs of 60 steps on Fashion-MNIST."""
+def demo_config(method: str, epochs: int = 10):
+    """The demo's budget: resnet8, batch 128, `epochs` epochs of 60 steps on Fashion-MNIST.
+
+    Noise from the first third, a ramp over the next third, SWA over the last three epochs.
+    """
     c = cfg.base_config()
     c.model = "resnet8"
     c.dataset = "fashion_mnist"
@@ -40,7 +43,7 @@ def demo_config(method: str, epochs: int = 6):
     c.weight_decay = 5e-4
     c.noise_start_epoch = epochs // 3
     c.ramp_epochs = max(1, epochs // 3)
-    c.swa_start_epoch = epochs - 2
+    c.swa_start_epoch = max(0, epochs - 3)
     c.eval_bits = "w8a8,w4a4,w2a4"
     c.eval_every_epochs = 2
     c.eval_batch_size = 1000
@@ -51,7 +54,7 @@ def demo_config(method: str, epochs: int = 6):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="demo_out")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--fresh", action="store_true", help="delete the workdir first")
     args = parser.parse_args(argv)
     out = Path(args.workdir)
