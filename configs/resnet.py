@@ -12,10 +12,11 @@ e.g. model=resnet18, dataset=cifar100, method=sgd|swa|wqn|aqn|dnq|naive|accumula
 the last 100 epochs, SGD Nesterov 0.9, lr 0.015 cosine, wd 1e-3, batch 64, label smoothing
 0.1, noise modelled at W2A4 on n_calib=100 images.
 
-Expected time (ResNet-20, CIFAR-10, batch 64, 400 epochs): about 20 minutes on one H100/H200
-(~2-3 s per scanned epoch at batch 64; bf16 halves it); on 2 CPU cores, days (~0.35 s/step):
-use `fast` or `smoke` there. `smoke` (tiny data, resnet8, 4 epochs of 4 steps) takes about
-half a minute on 2 CPU cores.
+Expected time (ResNet-20, CIFAR-10, batch 64, 400 epochs; estimated from the measured step
+times in benchmarks/RESULTS.md): about 15-20 minutes on one H100/H200 (~2 s per scanned
+epoch of 781 steps with DNQ on); on 2 CPU cores about a day (~0.3 s/step), so use `fast` or
+`smoke` there. `smoke` (synthetic data, resnet8, 4 epochs of 4 steps) takes about 30 s on
+2 CPU cores.
 """
 
 from dnq_jax import config as cfg
