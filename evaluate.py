@@ -33,4 +33,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from dnq_jax.cli import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

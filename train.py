@@ -14,8 +14,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py[:args]).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
 flags.DEFINE_bool("verbose", False, "Show tracebacks for expected errors.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -39,4 +40,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from dnq_jax.cli import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

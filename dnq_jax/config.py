@@ -95,7 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.progress = True
     c.rollback_on_nan = False  # on NaN: restore the last checkpoint and halve lambda_max
-    c.debug_nan_step = -1  # testing aid: poison the loss at this step (-1 = never)
+    # Testing aid: poison the input at this global step (-1 = never). Only the first pass over
+    # the step is poisoned (while lam_scale == 1), so a rollback replays it clean.
+    c.debug_nan_step = -1
     return c
 
 
@@ -131,7 +133,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
     Expects a resolved config. `num_devices`, if given, checks the batch divides evenly.
     """
+    # Imported here so that loading a config file stays free of JAX and Flax.
+    from dnq_jax import data, models
+
     c = config
+    _check(c.model in models.names(), "model", f"unknown {c.model!r}; choose from {models.names()}")
+    _check(c.dataset in data.NAMES, "dataset", f"unknown {c.dataset!r}; choose from {data.NAMES}")
+    for key in ("limit_train", "limit_test", "num_devices"):
+        _check(c[key] >= 0, key, f"must be >= 0 (0 = all), got {c[key]}")
+    _check(c.width > 0, "width", f"must be positive, got {c.width}")
     _check(c.num_epochs >= 1, "num_epochs", f"must be positive, got {c.num_epochs}")
     _check(c.batch_size >= 1, "batch_size", f"must be positive, got {c.batch_size}")
     _check(c.steps_per_epoch >= 0, "steps_per_epoch", "must be >= 0 (0 = derived)")
@@ -162,6 +172,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     )
     _check(c.n_calib >= 1, "n_calib", f"must be positive, got {c.n_calib}")
     _check(c.eval_batch_size >= 1, "eval_batch_size", "must be positive")
+    _check(c.eval_every_epochs >= 1, "eval_every_epochs", "must be positive")
     _check(c.ckpt_every_epochs >= 1, "ckpt_every_epochs", "must be positive")
     _check(c.keep_checkpoints >= 1, "keep_checkpoints", "must be positive")
     _check(c.chunk_steps >= 0, "chunk_steps", "must be >= 0 (0 = automatic)")
@@ -188,12 +199,32 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     )
     if c.swa_lr is not None:
         _check(c.swa, "swa_lr", "is set but SWA is off (method/swa)")
+        _check(c.swa_lr > 0, "swa_lr", f"must be positive, got {c.swa_lr}")
+    if c.sam:
+        _check(c.sam_rho > 0, "sam_rho", f"must be positive when SAM is on, got {c.sam_rho}")
+    _check(c.debug_nan_step >= -1, "debug_nan_step", "must be a step >= 0, or -1 (off)")
     if num_devices is not None:
         _check(
             c.batch_size % num_devices == 0,
             "batch_size",
             f"{c.batch_size} is not divisible by the {num_devices} devices in use",
         )
+
+
+# Keys a resumed run may change: they alter how a run is watched, stored or placed, not the
+# sequence of states it computes.
+RESUME_FREE = frozenset({
+    "progress", "eval_every_epochs", "eval_batch_size", "eval_bits", "eval_calibrator",
+    "ckpt_every_epochs", "keep_checkpoints", "num_devices", "chunk_steps", "data_dir",
+    "tfds_data_dir", "npz_path", "rollback_on_nan", "debug_nan_step",
+})  # fmt: skip
+
+
+def resume_conflicts(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """Keys whose value in `config` differs from the `saved` (config.json) run it resumes."""
+    new = config.to_dict()
+    keys = (set(saved) | set(new)) - RESUME_FREE
+    return sorted(k for k in keys if saved.get(k) != new.get(k))
 
 
 def parse_bits(spec: str) -> list[tuple[int, int]]:

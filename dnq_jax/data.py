@@ -25,7 +25,7 @@ import os
 import tempfile
 import warnings
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["NAMES", "DataError", "Dataset", "augment", "augment_config", "calibration_subset"]
-__all__ += ["epoch_indices", "eval_batches", "load", "normalize"]
+__all__ += ["epoch_indices", "load", "normalize"]
 
 # name -> (num_classes, image shape)
 _SPECS: dict[str, tuple[int, tuple[int, int, int]]] = {
@@ -486,21 +486,3 @@ def calibration_subset(ds: Dataset, n: int, seed: int) -> np.ndarray:
         raise ValueError(f"n must be an int in [1, {ds.num_train}], got {n!r}")
     idx = np.random.default_rng(seed).choice(ds.num_train, size=n, replace=False)
     return ds.train_images[idx]
-
-
-def eval_batches(
-    images: np.ndarray, labels: np.ndarray, batch_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """Yields host batches ``(images, labels, n_valid)`` of exactly `batch_size` examples; the
-    last is zero-padded (so a jitted eval step compiles once) and only `n_valid` rows are real."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if len(images) != len(labels):
-        raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) differ in length")
-    for start in range(0, len(images), batch_size):
-        x, y = images[start : start + batch_size], labels[start : start + batch_size]
-        n_valid = len(x)
-        if n_valid < batch_size:
-            x = np.concatenate([x, np.zeros((batch_size - n_valid, *x.shape[1:]), x.dtype)])
-            y = np.concatenate([y, np.zeros((batch_size - n_valid, *y.shape[1:]), y.dtype)])
-        yield x, y, n_valid

@@ -1,15 +1,21 @@
 """Build everything a training run needs from its config: `build_run(config, workdir)`.
 
 Order matters and is the documented contract: the config is resolved and validated first
-(no data loaded, nothing compiled, the workdir untouched on a bad config), then the workdir
-is checked for writing, the data loaded, the model and state built, and the newest
-checkpoint (if any) restored into that state.
+(no data loaded, nothing compiled, the workdir untouched on a bad config); then the workdir
+is probed for writing without creating it, the data loaded and checked against the config,
+and only then is the workdir created, so a run refused for bad input leaves no trace. Then
+the model and state are built and the newest complete checkpoint (if any) restored into that
+state; a run is only resumed with the training settings it was started with (the keys in
+`config.RESUME_FREE` may change).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,11 +57,19 @@ class Run:
     profile: Callable
     ema: Callable
     chunk_fn: Callable
+    build_chunk_fn: Callable[[bool], Callable]  # poison (debug_nan_step) on/off -> chunk_fn
     epoch_indices: Callable
     test_accuracy: Callable
 
     def eval_settings(self) -> evaluate.EvalSettings:
         return evaluate.EvalSettings.from_config(self.config)
+
+    def chunk_fn_for(self, state: TrainState) -> Callable:
+        """The chunk function for `state`: `debug_nan_step` poisons only the first pass over
+        its step (lam_scale == 1); a rolled-back run (lambda halved) replays it clean."""
+        if self.config.debug_nan_step < 0 or float(state.lam_scale) == 1.0:
+            return self.chunk_fn
+        return self.build_chunk_fn(False)
 
     def clean_batches(self) -> Iterator[jax.Array]:
         """Unaugmented normalised training batches of batch_size, one pass (BN re-estimation)."""
@@ -67,23 +81,80 @@ class Run:
             )
 
 
-def check_workdir(workdir: str | os.PathLike) -> Path:
-    """Create `workdir` if needed and prove it is writable, or raise a clear error."""
+def check_workdir(workdir: str | os.PathLike, create: bool = True) -> Path:
+    """Prove `workdir` can be written (creating it only if `create`), or raise PermissionError.
+
+    With `create=False` nothing is left behind: an existing folder gets a probe file that is
+    removed again; for a missing one, a probe folder is made and removed in its nearest
+    existing parent. So a run that fails later (bad data, say) leaves the workdir as it was.
+    """
     path = Path(workdir)
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
+        if not parent.is_dir():
+            raise PermissionError(f"{parent} is a file, not a folder")
+        if parent == path:
+            probe = path / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".dnq_write_test_", dir=parent))
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        why = e.strerror if e.strerror else str(e)
         raise PermissionError(
-            f"workdir {path} is not writable ({e.strerror}). Choose a --workdir you can write "
-            "to; checkpoints, metrics and results go there."
+            f"workdir {path} is not writable: cannot write in {parent} ({why}). Choose a "
+            "--workdir you can write to; checkpoints, metrics and results go there."
         ) from None
     return path
 
 
+def _check_resume_config(wd: Path, c: ml_collections.ConfigDict) -> None:
+    """Refuse to continue a run with settings that change its training (a silent mix)."""
+    path = wd / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # no readable record of the old settings: nothing to compare with
+    changed = cfg.resume_conflicts(saved, c)
+    if changed:
+        listed = ", ".join(f"{k}={saved.get(k)!r} -> {c.get(k)!r}" for k in changed)
+        raise cfg.ConfigError(
+            f"{changed[0]}: {wd} holds a run with other settings ({listed}); resuming it "
+            "would mix two runs. Use a fresh --workdir, or the settings in its config.json."
+        )
+
+
+def _metric_writer(wd: Path) -> MetricWriter:
+    _end_torn_line(wd / "metrics.jsonl")
+    return MetricWriter(wd)
+
+
+def _end_torn_line(path: Path) -> None:
+    """A run killed mid-write may leave metrics.jsonl without its final newline; end that
+    line so the next row is not glued onto it (readers skip the torn line alone)."""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
 def load_dataset(c: ml_collections.ConfigDict) -> data.Dataset:
+    """The config's dataset; a DataError says which config keys chose the files."""
+    try:
+        return _load(c)
+    except data.DataError as e:
+        raise data.DataError(
+            f"dataset={c.dataset}: {e}. The files come from the config keys npz_path, "
+            "data_dir and tfds_data_dir: point them at a good copy."
+        ) from e
+
+
+def _load(c: ml_collections.ConfigDict) -> data.Dataset:
     return data.load(
         c.dataset,
         data_dir=c.data_dir or None,
@@ -109,9 +180,13 @@ def init_variables(model, c: ml_collections.ConfigDict, image_shape) -> dict:
 def build_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
     """Resolve/validate the config, load data, build model/state/step, restore a checkpoint."""
     c = cfg.resolve(config)
-    mesh = runtime.make_mesh(c.num_devices)
+    cfg.validate(c)  # before the backend starts: a bad key costs nothing
+    try:
+        mesh = runtime.make_mesh(c.num_devices)
+    except ValueError as e:
+        raise cfg.ConfigError(str(e)) from None
     cfg.validate(c, mesh.size)
-    wd = check_workdir(workdir)
+    check_workdir(workdir, create=False)  # fail fast, before minutes of data loading
     ds = load_dataset(c)
     spe = c.steps_per_epoch or ds.num_train // c.batch_size
     if spe < 1 or spe * c.batch_size > ds.num_train:
@@ -119,6 +194,11 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
             f"steps_per_epoch: {spe} steps of batch {c.batch_size} need "
             f"{spe * c.batch_size} images; {c.dataset} has {ds.num_train} training images"
         )
+    if c.debug_nan_step >= spe * c.num_epochs:
+        raise cfg.ConfigError(
+            f"debug_nan_step: {c.debug_nan_step} is past the last step ({spe * c.num_epochs - 1})"
+        )
+    wd = check_workdir(workdir)  # everything checked: only now does the workdir appear
     cpu = runtime.is_cpu()
     chunk = c.chunk_steps or (1 if cpu else spe)
     sh = runtime.shardings(mesh)
@@ -148,6 +228,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     )
     state = runtime.put_tree(state, sh["state"])
     mngr = checkpoint.manager(wd, c.keep_checkpoints)
+    if mngr.latest_step() is not None:
+        _check_resume_config(wd, c)
     restored = checkpoint.restore_latest(mngr, state)
     if restored is not None:
         state = restored
@@ -168,8 +250,13 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     )
     dtype = jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32
     mean, std = jnp.asarray(ds.mean), jnp.asarray(ds.std)
-    step = make_step(model, graph, tx, settings, mean, std, dtype)
-    chunk_fn = make_chunk_fn(step, unroll=cpu, shardings=sh)
+
+    @functools.cache
+    def build_chunk_fn(poison: bool) -> Callable:
+        s = settings if poison else dataclasses.replace(settings, debug_nan_step=-1)
+        step = make_step(model, graph, tx, s, mean, std, dtype)
+        return make_chunk_fn(step, unroll=cpu, shardings=sh)
+
     calib = data.calibration_subset(ds, c.n_calib, c.calib_seed)
     calib_images = runtime.put(np.asarray(data.normalize(calib, ds.mean, ds.std)), sh["replicated"])
     profile = jax.jit(
@@ -197,13 +284,14 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         tx=tx,
         state=state,
         mngr=mngr,
-        writer=MetricWriter(wd),
+        writer=_metric_writer(wd),
         train_images=runtime.put(ds.train_images, sh["data"]),
         train_labels=runtime.put(ds.train_labels.astype(np.int32), sh["data"]),
         calib_images=calib_images,
         profile=profile,
         ema=ema,
-        chunk_fn=chunk_fn,
+        chunk_fn=build_chunk_fn(True),
+        build_chunk_fn=build_chunk_fn,
         epoch_indices=epoch_indices,
         test_accuracy=lambda variables: fp32_eval(variables, test_x, ds.test_labels),
     )

@@ -5,10 +5,14 @@ differential weight noise and activation drop-in with a ramped lambda), SWA over
 epochs, BN statistics re-estimated for the averaged weights, and the PTQ evaluation of the
 final model at the configured bit-widths into workdir/results.json.
 
-A run resumes from the newest checkpoint in its workdir. SIGTERM/SIGINT finish the current
-chunk of steps, save, and return (`Preempted`); a non-finite loss or gradient stops the run
-(`Diverged`) keeping the last good checkpoint, or, with `rollback_on_nan`, restores it and
-continues with lambda halved.
+A run resumes from the newest complete checkpoint in its workdir and then computes exactly
+the states an uninterrupted run computes. SIGTERM/SIGINT finish the current chunk of steps,
+save, and raise `Preempted` (train.py exits 0); a SIGTERM before training starts or during
+the final stage kills as usual, and the rerun redoes that part. A non-finite loss or gradient
+stops the run (`Diverged`) keeping the last good checkpoint, or, with `rollback_on_nan`,
+restores it and continues with lambda halved (at most `MAX_ROLLBACKS` times). The testing
+switch `debug_nan_step` poisons its step only while lam_scale == 1, so the replay after a
+rollback runs clean.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ from dnq_jax.run_setup import Run, build_run
 from dnq_jax.step import KEY_SHUFFLE, TrainState, sub_key
 
 __all__ = ["train_and_evaluate", "Preempted", "Diverged", "Run", "build_run"]
+
+
+# Each rollback halves lambda; past this many the divergence is not the noise's doing.
+MAX_ROLLBACKS = 4
+MIN_LAM_SCALE = 0.5**MAX_ROLLBACKS
 
 
 class Preempted(Exception):
@@ -88,13 +97,49 @@ def _divergence_message(run: Run, state: TrainState, bad_step: int, lam: float) 
         k: float(v) for k, v in profiler.stats_summary(jax.device_get(state.noise_stats)).items()
     }
     stats = ", ".join(f"{k}={v:.3g}" for k, v in summary.items())
-    return (
-        f"non-finite loss or gradient at step {bad_step} (epoch {bad_step // run.spe}), "
-        f"lambda={lam:.4g}; noise statistics: {stats}. The update of that step was not "
-        f"applied; the last good checkpoint in {run.workdir / 'checkpoints'} is kept. Lower "
-        "learning_rate or lambda_max, or set rollback_on_nan=True to restore the checkpoint "
-        "and continue with lambda halved."
+    steps = run.mngr.all_steps()
+    kept = (
+        f"the last good checkpoint (step {max(steps)}) in {run.workdir / 'checkpoints'} is kept"
+        if steps
+        else "no checkpoint had been written yet"
     )
+    return (
+        f"non-finite loss or gradient at step {bad_step} (epoch {bad_step // run.spe + 1} of "
+        f"{run.config.num_epochs}), lambda={lam:.4g} (lam_scale={float(state.lam_scale):.4g}); "
+        f"noise statistics: {stats}. The update of that step was not applied and {kept}."
+    )
+
+
+_ADVICE = (
+    " Re-run with rollback_on_nan=True (same workdir) to restore that checkpoint and continue "
+    "with lambda halved, or lower learning_rate or lambda_max in a fresh --workdir."
+)
+
+
+def _roll_back(run: Run, state: TrainState, finite: np.ndarray, lam: float) -> TrainState:
+    """After a non-finite step: the last checkpoint with lambda halved, or raise Diverged."""
+    c = run.config
+    bad = int(state.step) - len(finite) + int(np.argmin(finite))
+    msg = _divergence_message(run, state, bad, lam)
+    restored = checkpoint.restore_latest(run.mngr, state) if c.rollback_on_nan else None
+    if restored is None:
+        advice = " Nothing to roll back to: lower learning_rate or lambda_max."
+        raise Diverged(msg + (advice if c.rollback_on_nan else _ADVICE))
+    # Halve the scale the diverged state ran with, not the checkpoint's: a rollback to the
+    # same checkpoint must keep lowering lambda, and so end.
+    scale = 0.5 * min(float(state.lam_scale), float(restored.lam_scale))
+    if scale < MIN_LAM_SCALE:
+        raise Diverged(
+            f"{msg} Gave up after {MAX_ROLLBACKS} rollbacks, each with lambda halved: the "
+            "noise is not the cause. Lower learning_rate."
+        )
+    state = restored.replace(lam_scale=jnp.asarray(scale, restored.lam_scale.dtype))
+    print(
+        f"dnq_jax: {msg}\nRolled back to step {int(state.step)}; lambda halved "
+        f"(lam_scale={scale:.4g}).",
+        flush=True,
+    )
+    return state
 
 
 def _train_epoch(run: Run, state: TrainState, epoch: int, stop: _StopFlag, bar) -> tuple:
@@ -106,12 +151,14 @@ def _train_epoch(run: Run, state: TrainState, epoch: int, stop: _StopFlag, bar) 
         fresh = run.profile(state.variables(), run.calib_images)
         state = state.replace(noise_stats=run.ema(state.noise_stats, fresh))
     lam = _noise_lambda(c, epoch, float(state.lam_scale))
-    key = jax.random.fold_in(sub_key(jax.random.wrap_key_data(state.rng, impl=c.prng_impl),
-                                     KEY_SHUFFLE), epoch)
+    key = jax.random.fold_in(
+        sub_key(jax.random.wrap_key_data(state.rng, impl=c.prng_impl), KEY_SHUFFLE), epoch
+    )
     idx = run.epoch_indices(key)
+    chunk_fn = run.chunk_fn_for(state)
     outs = []
     for a, b in _chunks(first, run.spe, run.chunk_steps):
-        state, m = run.chunk_fn(
+        state, m = chunk_fn(
             state, run.train_images, run.train_labels, idx[a:b], jnp.float32(lam), noise_on
         )
         outs.append(m)
@@ -134,7 +181,9 @@ def _finish(run: Run, state: TrainState) -> dict:
         variables = batchnorm.recompute_batch_stats(run.model, variables, run.clean_batches())
     variables = jax.device_get(variables)
     checkpoint.save_final(run.workdir, variables)
-    results = evaluate.evaluate_variables(run.model, variables, run.dataset, run.eval_settings())
+    results = evaluate.evaluate_variables(
+        run.model, variables, run.dataset, run.eval_settings(), progress=c.progress
+    )
     results["swa_snapshots"] = n_swa
     results["steps"] = int(state.step)
     evaluate.write_results(run.workdir / "results.json", results)
@@ -160,13 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             t0 = time.time()
             state, m, lam, stopped = _train_epoch(run, state, epoch, stop, bar)
             if not m["finite"].all():
-                bad = int(state.step) - len(m["finite"]) + int(np.argmin(m["finite"]))
-                msg = _divergence_message(run, state, bad, lam)
-                restored = checkpoint.restore_latest(run.mngr, state) if c.rollback_on_nan else None
-                if restored is None:
-                    raise Diverged(msg)
-                state = restored.replace(lam_scale=restored.lam_scale * 0.5)
-                print(f"dnq_jax: {msg}\nRolled back to step {int(state.step)}; lambda halved.")
+                state = _roll_back(run, state, m["finite"], lam)
                 epoch = int(state.step) // run.spe
                 continue
             done = int(state.step) % run.spe == 0
@@ -184,14 +227,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 "epoch_time_s": time.time() - t0,
                 "lr_step": int(state.step),
             }
-            row.update({k: float(v) for k, v in profiler.stats_summary(
-                jax.device_get(state.noise_stats)).items()})
+            row.update(
+                {
+                    k: float(v)
+                    for k, v in profiler.stats_summary(jax.device_get(state.noise_stats)).items()
+                }
+            )
             last = epoch + 1 == c.num_epochs
             if (epoch + 1) % c.eval_every_epochs == 0 or last:
                 row["test_acc"] = run.test_accuracy(state.variables())
             run.writer.write(int(state.step), row)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", lam=f"{lam:.2f}",
-                            acc=f"{row.get('test_acc', float('nan')):.1f}")
+            bar.set_postfix(
+                loss=f"{row['train_loss']:.3f}",
+                lam=f"{lam:.2f}",
+                acc=f"{row.get('test_acc', float('nan')):.1f}",
+            )
             if (epoch + 1) % c.ckpt_every_epochs == 0 or last or stopped:
                 checkpoint.save(run.mngr, int(state.step), state)
             if stopped:
@@ -204,4 +254,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results["train_time_s"] = time.time() - t_start
     run.writer.close()
     return results
-

@@ -418,16 +418,6 @@ def test_calibration_subset_is_seeded():
             data.calibration_subset(ds, bad, seed=0)
 
 
-def test_eval_batches_pad_the_last_batch():
-    ds = tiny_dataset(23)
-    batches = list(data.eval_batches(ds.train_images, ds.train_labels, 8))
-    assert [n for _, _, n in batches] == [8, 8, 7]
-    assert all(x.shape == (8, 4, 4, 1) and y.shape == (8,) for x, y, _ in batches)
-    valid = np.concatenate([x[:n] for x, _, n in batches])
-    np.testing.assert_array_equal(valid, ds.train_images)
-    assert not batches[-1][0][7:].any()
-
-
 def test_dataset_rejects_wrong_dtypes():
     ds = tiny_dataset()
     with pytest.raises(ValueError, match="int32"):

@@ -1,0 +1,353 @@
+"""Faults a training run must survive without losing work, and bad input it must refuse.
+
+Real signals and exits need a real process, so those tests run `train.py` / `evaluate.py` as
+subprocesses (one CPU device, sharing the tests' compilation cache); the rest run in-process.
+Every resumed run is compared bit-exactly with one uninterrupted run of the same command.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import resnet
+from dnq_jax import checkpoint, metrics, run_setup
+from dnq_jax import config as cfg
+
+ROOT = Path(__file__).resolve().parent.parent
+# 3 epochs of 4 steps: warm-up, then noise from epoch 1, SWA from epoch 2; a checkpoint per
+# epoch at steps 4, 8, 12 (the newest 2 kept).
+SMOKE = "smoke,num_epochs=3,eval_bits=w8a8,progress=False,num_devices=1"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir or ""
+    # Children compile the same small functions again and again: cache all of them.
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _train_cmd(workdir, config=SMOKE, *flags) -> list[str]:
+    return [
+        sys.executable,
+        "train.py",
+        f"--config=configs/resnet.py:{config}",
+        f"--workdir={workdir}",
+        *flags,
+    ]
+
+
+def _start(cmd) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[str, str]:
+    """(stdout, stderr) of `proc`; a hung run is killed, so it fails instead of lingering."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"{proc.args} hung; output so far:\n{out}\n{err}") from None
+
+
+def _run(cmd, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _steps(workdir) -> list[int]:
+    d = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def _wait_for_checkpoint(proc, workdir, timeout=240) -> int:
+    """Block until a complete checkpoint exists (Orbax renames it into place when done)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        ck = Path(workdir) / "checkpoints"
+        done = [s for s in _steps(workdir) if (ck / str(s) / checkpoint.COMMIT_MARKER).exists()]
+        if done:
+            return done[0]
+        assert proc.poll() is None, f"run ended before any checkpoint: {proc.communicate()}"
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"no checkpoint within {timeout} s: {proc.communicate()}")
+
+
+def _final_params(workdir):
+    return ocp.StandardCheckpointer().restore((Path(workdir) / "final").absolute())["params"]
+
+
+def _assert_same_params(a, b):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def _listing(path) -> list[str] | None:
+    path = Path(path)
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else None
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """name -> (workdir, CompletedProcess) of the runs that need no interaction, started
+    together: each compiles mostly on one core, so two cores take them at once."""
+    base = tmp_path_factory.mktemp("runs")
+    configs = {
+        "reference": SMOKE,  # the uninterrupted run every fault test is compared with
+        "nan": SMOKE + ",debug_nan_step=9",
+        "rollback": SMOKE + ",debug_nan_step=9,rollback_on_nan=True",
+    }
+    procs = {k: (base / k, _start(_train_cmd(base / k, c))) for k, c in configs.items()}
+    out = {}
+    for k, (wd, proc) in procs.items():
+        stdout, stderr = _finish(proc)
+        out[k] = (wd, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    wd, r = runs["reference"]
+    assert r.returncode == 0, r.stderr
+    return wd
+
+
+def test_sigkill_at_a_random_moment_resumes_bit_exactly(reference, tmp_path):
+    wd = tmp_path / "wd"
+    proc = _start(_train_cmd(wd))
+    _wait_for_checkpoint(proc, wd)
+    delay = random.uniform(0.0, 0.4)  # anywhere in the next epochs, a save, or the final stage
+    time.sleep(delay)
+    proc.kill()
+    _finish(proc)
+    again = _run(_train_cmd(wd))
+    assert again.returncode == 0, again.stderr
+    assert "resumed from step" in again.stdout, f"killed {delay:.2f}s after the checkpoint"
+    _assert_same_params(_final_params(reference), _final_params(wd))
+    assert not [p for p in (wd / "checkpoints").iterdir() if checkpoint.TMP_MARK in p.name]
+
+
+def test_sigterm_saves_exits_zero_and_the_rerun_matches(reference, tmp_path):
+    wd = tmp_path / "wd"
+    proc = _start(_train_cmd(wd))
+    first = _wait_for_checkpoint(proc, wd)
+    proc.send_signal(signal.SIGTERM)
+    out, err = _finish(proc)
+    assert proc.returncode == 0, err
+    assert "stopped by signal 15" in err and "Run the same command to resume" in err
+    assert max(_steps(wd)) > first  # the current chunk was finished and saved
+    assert not (wd / "final").exists()
+    saved = max(_steps(wd))
+    again = _run(_train_cmd(wd))
+    assert again.returncode == 0, again.stderr
+    assert f"resumed from step {saved}" in again.stdout
+    _assert_same_params(_final_params(reference), _final_params(wd))
+
+
+def test_sigint_finishes_the_chunk_saves_and_exits_zero(tmp_path):
+    proc = _start(_train_cmd(tmp_path))
+    first = _wait_for_checkpoint(proc, tmp_path)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    _, err = _finish(proc)
+    assert proc.returncode == 0, err
+    assert "stopped by signal 2" in err and "Traceback" not in err
+    assert max(_steps(tmp_path)) > first
+
+
+def test_torn_and_unreadable_checkpoints_are_never_restored(reference, tmp_path):
+    wd = tmp_path / "wd"
+    ck = wd / "checkpoints"
+    ck.mkdir(parents=True)
+    shutil.copy(reference / "config.json", wd)
+    shutil.copytree(reference / "checkpoints" / "8", ck / "8")
+    # A save killed before its rename, a torn copy without the commit marker, and a
+    # complete-looking checkpoint whose array files are gone.
+    (ck / "12.orbax-checkpoint-tmp-1700000000").mkdir()
+    (ck / "12.orbax-checkpoint-tmp-1700000000" / "junk").write_bytes(b"\0" * 64)
+    shutil.copytree(reference / "checkpoints" / "12", ck / "16")
+    (ck / "16" / checkpoint.COMMIT_MARKER).unlink()
+    shutil.copytree(reference / "checkpoints" / "12", ck / "12")
+    shutil.rmtree(ck / "12" / "default")
+    r = _run(_train_cmd(wd))
+    assert r.returncode == 0, r.stderr
+    assert "removed incomplete checkpoint(s) ['12.orbax-checkpoint-tmp-1700000000', '16']" in (
+        r.stdout
+    )
+    assert "checkpoint 12 unreadable" in r.stdout and "resumed from step 8" in r.stdout
+    _assert_same_params(_final_params(reference), _final_params(wd))
+    assert (ck / "12.unreadable").is_dir()  # moved aside, not deleted
+    assert _steps(wd) == [8, 12] and (ck / "12" / checkpoint.COMMIT_MARKER).exists()
+
+
+def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(runs, reference):
+    wd, r = runs["nan"]
+    assert r.returncode == 6, r.stderr
+    msg = " ".join(r.stderr.split())
+    assert "Traceback" not in r.stderr
+    for part in ("step 9 ", "(epoch 3 of 3)", "lambda=0.5 ", "w_sigma=", "a_sigma=", "step 8)"):
+        assert part in msg, (part, msg)
+    assert _steps(wd) == [4, 8] and not (wd / "final").exists()
+    # The kept state is the one the clean run had at step 8: nothing after the NaN leaked in.
+    kept = ocp.StandardCheckpointer().restore((wd / "checkpoints" / "8" / "default").absolute())
+    clean = ocp.StandardCheckpointer().restore(
+        (reference / "checkpoints" / "8" / "default").absolute()
+    )
+    jax.tree_util.tree_map(np.testing.assert_array_equal, kept, clean)
+
+
+def test_rollback_on_nan_halves_lambda_and_finishes(runs, reference):
+    wd, r = runs["rollback"]
+    assert r.returncode == 0, r.stderr
+    assert "Rolled back to step 8; lambda halved (lam_scale=0.5)" in r.stdout
+    results = json.loads((wd / "results.json").read_text())
+    assert results["steps"] == 12 and np.isfinite(results["fp32"])
+    lam = {r["epoch"]: r["lambda"] for r in metrics.read(wd) if "lambda" in r}
+    ref = {r["epoch"]: r["lambda"] for r in metrics.read(reference) if "lambda" in r}
+    assert lam[2] == ref[2] and lam[3] == pytest.approx(ref[3] / 2) and ref[3] > 0
+    saved = ocp.StandardCheckpointer().restore(wd / "checkpoints" / "12" / "default")
+    assert float(saved["lam_scale"]) == 0.5
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(saved["params"]))
+
+
+def test_config_is_validated_before_data_or_workdir(tmp_path, monkeypatch):
+    def no_data(c):
+        raise AssertionError("data loaded before the config was checked")
+
+    monkeypatch.setattr(run_setup, "load_dataset", no_data)
+    cases = [("rho=1.5", "rho"), ("swa_start_epoch=4", "swa_start_epoch")]
+    n = jax.device_count()  # tests/conftest.py makes 8 host devices
+    if n > 1:
+        cases.append((f"batch_size={4 * n + 1},num_devices={n}", "batch_size"))
+    for bad, key in cases:
+        with pytest.raises(cfg.ConfigError, match=key):
+            run_setup.build_run(resnet.get_config(f"smoke,{bad}"), tmp_path / "wd")
+    assert not (tmp_path / "wd").exists()
+
+
+def test_resuming_with_other_training_settings_is_refused(reference, tmp_path):
+    wd = tmp_path / "wd"
+    shutil.copytree(reference, wd)
+    with pytest.raises(cfg.ConfigError, match="learning_rate"):
+        run_setup.build_run(resnet.get_config(SMOKE + ",learning_rate=0.1"), wd)
+
+
+# --- Bad input through the CLIs: one paragraph, no traceback, a distinct exit status, and
+# the workdir exactly as it was. The processes mostly import and fail, so they run at once.
+
+
+def _cli_cases(tmp: Path, reference: Path) -> dict:
+    unwritable = tmp / "a_file" / "wd"  # under a regular file: refused even for root
+    (tmp / "a_file").write_text("not a folder")
+    if os.geteuid() != 0:  # chmod does not stop root, so only a normal user gets this variant
+        locked = tmp / "locked"
+        locked.mkdir(mode=0o500)
+        unwritable = locked / "wd"
+    good = tmp / "good.npz"
+    np.savez(good, train_jpeg=np.zeros(8, np.uint8))
+    truncated = tmp / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[:100])
+    existing = tmp / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    foreign = tmp / "foreign"
+    shutil.copytree(reference, foreign, ignore=shutil.ignore_patterns("checkpoints"))
+    c = json.loads((foreign / "config.json").read_text())
+    c["model"] = "resnet20"  # another zoo model: the saved arrays cannot fit it
+    (foreign / "config.json").write_text(json.dumps(c))
+    data = f"{SMOKE},dataset=cifar10_jpeg,npz_path="
+    evaluate = [sys.executable, "evaluate.py", f"--workdir={foreign}"]
+    return {  # name: (command, workdir that must be left as it was, exit status, must say)
+        "unknown_flag_key": (
+            _train_cmd(tmp / "w1", SMOKE, "--config.nosuchkey=1"),
+            tmp / "w1",
+            2,
+            ["nosuchkey", "unknown config key"],
+        ),
+        "unknown_arg_key": (
+            _train_cmd(tmp / "w2", SMOKE + ",lamda_max=2"),
+            tmp / "w2",
+            2,
+            ["lamda_max", "unknown config key"],
+        ),
+        "rho_range": (_train_cmd(existing, SMOKE + ",rho=1.5"), existing, 2, ["rho", "[0, 1]"]),
+        "missing_data": (
+            _train_cmd(tmp / "w3", data + str(tmp / "absent.npz")),
+            tmp / "w3",
+            3,
+            ["absent.npz", "not found", "npz_path"],
+        ),
+        "truncated_data": (
+            _train_cmd(tmp / "w4", data + str(truncated)),
+            tmp / "w4",
+            3,
+            ["truncated.npz", "sha256", "expected", "npz_path"],
+        ),
+        "unwritable": (_train_cmd(unwritable, SMOKE), unwritable, 5, ["not writable"]),
+        "foreign_checkpoint": (
+            evaluate,
+            foreign,
+            4,
+            ["do not fit", "arrays where", "another model"],
+        ),
+        "verbose": (
+            _train_cmd(tmp / "w5", SMOKE + ",rho=1.5", "--verbose"),
+            tmp / "w5",
+            2,
+            ["Traceback", "rho"],
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def cli_errors(reference, tmp_path_factory):
+    """name -> (returncode, stderr, listing before, listing after) for each bad-input case."""
+    cases = _cli_cases(tmp_path_factory.mktemp("cli"), reference)
+    before = {k: _listing(wd) for k, (_, wd, _, _) in cases.items()}
+    procs = {k: _start(cmd) for k, (cmd, _, _, _) in cases.items()}
+    out = {}
+    for k, proc in procs.items():
+        _, err = _finish(proc)
+        out[k] = (proc.returncode, err, before[k], _listing(cases[k][1]), cases[k])
+    return out
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown_flag_key",
+        "unknown_arg_key",
+        "rho_range",
+        "missing_data",
+        "truncated_data",
+        "unwritable",
+        "foreign_checkpoint",
+        "verbose",
+    ],
+)
+def test_bad_input_is_one_paragraph_and_leaves_the_workdir(cli_errors, case):
+    code, err, before, after, (_, _, want_code, says) = cli_errors[case]
+    assert code == want_code, err
+    text = " ".join(err.split())
+    for part in says:
+        assert part in text, (part, err)
+    if case != "verbose":
+        assert "Traceback" not in err and "--verbose" in err
+        assert len([ln for ln in err.splitlines() if ln.startswith("error (")]) == 1
+    assert after == before, f"workdir changed: {before} -> {after}"
