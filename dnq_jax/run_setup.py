@@ -269,7 +269,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         lambda key: data.epoch_indices(key, ds.num_train, c.batch_size)[:spe],
         out_shardings=sh["idx"],
     )
-    test_x = np.asarray(data.normalize(ds.test_images, ds.mean, ds.std))
+    # Kept on device: the per-epoch evaluation then moves no images from the host.
+    test_x = data.normalize(runtime.put(ds.test_images, sh["replicated"]), ds.mean, ds.std)
     fp32_eval = evaluate.make_accuracy_fn(model, c.eval_batch_size)
     return Run(
         config=c,
