@@ -18,6 +18,12 @@ import jax
 import jax.numpy as jnp
 
 from dnq_jax import quant, taps
+from dnq_jax.ptq.calibration import (
+    WEIGHT_CALIBRATORS,
+    assign_bits,
+    check_calibrator,
+    quantize_kernel,
+)
 
 PyTree = Any
 
@@ -44,8 +50,9 @@ class NoiseStats:
 def layer_bits(
     graph: taps.Graph, w_bits: int, a_bits: int, keep_ends_8bit: bool = True
 ) -> dict[str, tuple[int, int]]:
-    """Site name -> (weight bits, input-activation bits), the first and last site at 8 bits
-    when `keep_ends_8bit`, as the evaluation quantizes them.
+    """Site name -> (weight bits, input-activation bits): the evaluation's own assignment
+    (`ptq.assign_bits`, first and last site at 8 bits when `keep_ends_8bit`), so the profiled
+    error is the error PTQ will make.
 
     A kernel shared by several sites is quantized once, with the bits of its first site
     (the one `graph.kernel_layers()` and `taps.map_kernels` use).
@@ -53,10 +60,7 @@ def layer_bits(
     Raises:
       ValueError: if w_bits or a_bits is not an int in 2..16.
     """
-    w_bits = quant.check_bits(w_bits, "w_bits")
-    a_bits = quant.check_bits(a_bits, "a_bits")
-    ends = {graph.first, graph.last} if keep_ends_8bit else set()
-    return {name: (8, 8) if name in ends else (w_bits, a_bits) for name in graph.names}
+    return assign_bits(graph, w_bits, a_bits, keep_ends_8bit)
 
 
 def init_stats(graph: taps.Graph) -> NoiseStats:
@@ -78,8 +82,9 @@ def _check_calibrator(method: str, name: str) -> None:
 
 
 def _weight_error_stats(kernel: jax.Array, bits: int, method: str) -> tuple[jax.Array, jax.Array]:
+    # The evaluation's weight quantizer itself (per output channel, asymmetric).
     w = kernel.astype(jnp.float32)
-    err = quant.quantize(w, bits, channel_axis=-1, method=method) - w
+    err = quantize_kernel(w, bits, method) - w
     axes = tuple(range(w.ndim - 1))
     return jnp.mean(err, axis=axes), jnp.std(err, axis=axes)
 
@@ -106,7 +111,7 @@ def make_profiler(
       ValueError: on bad bit-widths or an unknown calibrator.
     """
     bits = layer_bits(graph, w_bits, a_bits, keep_ends_8bit)
-    _check_calibrator(w_calibrator, "w_calibrator")
+    check_calibrator(w_calibrator, WEIGHT_CALIBRATORS, "w_calibrator")
     _check_calibrator(a_calibrator, "a_calibrator")
     apply_kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
     kernels = graph.kernel_layers()
