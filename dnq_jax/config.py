@@ -90,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Runtime.
     c.num_devices = 0  # 0 = all local devices (all hosts after jax.distributed.initialize())
     c.chunk_steps = 0  # steps per jitted call; 0 = whole epoch on GPU/TPU, 1 on CPU
-    c.prng_impl = "threefry2x32"  # or 'rbg' (faster random bits on GPU)
+    c.prng_impl = "threefry2x32"  # or 'rbg' / 'unsafe_rbg' (XLA's RngBitGenerator)
     c.ckpt_every_epochs = 10
     c.keep_checkpoints = 2
     c.progress = True

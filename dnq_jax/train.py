@@ -106,7 +106,7 @@ def _divergence_message(run: Run, state: TrainState, bad_step: int, lam: float) 
     return (
         f"non-finite loss or gradient at step {bad_step} (epoch {bad_step // run.spe + 1} of "
         f"{run.config.num_epochs}), lambda={lam:.4g} (lam_scale={float(state.lam_scale):.4g}); "
-        f"noise statistics: {stats}. The update of that step was not applied and {kept}."
+        f"noise statistics: {stats}. Training stopped there and {kept}."
     )
 
 

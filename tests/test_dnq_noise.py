@@ -252,27 +252,51 @@ def test_dropin_under_jit_and_grad_keeps_dtype(mask):
     assert out.dtype == jnp.bfloat16 and not np.array_equal(out, xb)
 
 
-def test_activation_noise_fn_uses_each_sites_key_and_stats(setup):
+def test_activation_noise_fn_uses_each_sites_piece_and_stats(setup):
     model, x, variables, graph, stats = setup
-    key, lam = jax.random.key(4), 0.9
-    fn = noise.activation_noise_fn(graph, stats, key, lam)
+    key, lam, batch = jax.random.key(4), 0.9, x.shape[0]
+    fn = noise.activation_noise_fn(graph, stats, key, lam, batch=batch)
+    bits = noise.site_bits(key, graph, batch)
+    # Sites in call order, each a contiguous block of columns of one (batch, S) draw.
+    flat = np.concatenate([np.asarray(bits[n]).reshape(batch, -1) for n in graph.names], axis=1)
+    whole = jax.random.bits(key, (flat.size,), jnp.uint32).reshape(flat.shape)
+    np.testing.assert_array_equal(flat, whole)
     h = _normal((2, 6, 6, 4), 5)
     for i, name in enumerate(graph.names[:2]):
-        want = noise.activation_dropin(
-            jax.random.fold_in(key, i), h, lam, stats.a_mu[i], stats.a_sigma[i]
-        )
-        np.testing.assert_array_equal(fn(name, h), want)
+        # The drop-in law, recomputed in float64 from the site's bits.
+        u = ((np.asarray(bits[name]) >> 9).astype(np.float64) + 0.5) * 2.0**-23
+        v = np.clip(u / 0.5, 2.0**-24, 1 - 2.0**-24)
+        eps = lam * (float(stats.a_mu[i]) + float(stats.a_sigma[i]) * sps.norm.ppf(v))
+        want = np.asarray(h, np.float64) + np.where(u < 0.5, eps, 0.0)
+        np.testing.assert_allclose(fn(name, h), want, rtol=1e-5, atol=1e-5)
     assert not np.array_equal(fn("c1", h), fn("c2", h))
     with pytest.raises(ValueError, match="name"):
         fn("nope", h)
+    with pytest.raises(ValueError, match="shape"):
+        fn("c1", h[:1])
 
     @jax.jit
     def forward(lam):
-        with taps.map_inputs(noise.activation_noise_fn(graph, stats, key, lam)):
+        with taps.map_inputs(noise.activation_noise_fn(graph, stats, key, lam, batch=batch)):
             return model.apply(variables, x)
 
     np.testing.assert_array_equal(forward(0.0), model.apply(variables, x))
     assert not np.allclose(forward(1.0), model.apply(variables, x))
+
+
+def test_kernel_samples_are_pieces_of_one_normal_draw(setup):
+    _, _, _, graph, stats = setup
+    key = jax.random.key(12)
+    samples = noise.kernel_samples(graph, stats, key)
+    z = [
+        (np.asarray(d, np.float64) - np.asarray(mu)) / np.asarray(sigma)
+        for d, mu, sigma in zip(samples, stats.w_mu, stats.w_sigma)
+    ]
+    for d, layer in zip(samples, graph.kernel_layers()):
+        assert d.shape == layer.kernel_shape and d.dtype == jnp.float32
+    flat = np.concatenate([zi.ravel() for zi in z])
+    want = np.asarray(jax.random.normal(key, (flat.size,), jnp.float32), np.float64)
+    np.testing.assert_allclose(flat, want, rtol=1e-5, atol=1e-5)
 
 
 def test_ramps_match_their_formulas():
@@ -315,13 +339,14 @@ def test_bad_arguments_raise_value_errors(setup):
         with pytest.raises(ValueError, match="rho"):
             noise.activation_dropin(k_t, x, 1.0, 0.0, 1.0, rho=rho)
         with pytest.raises(ValueError, match="rho"):
-            noise.activation_noise_fn(graph, stats, k_t, 1.0, rho=rho)
+            noise.activation_noise_fn(graph, stats, k_t, 1.0, batch=2, rho=rho)
     with pytest.raises(ValueError, match="kind"):
         ramps.ramp("quadratic", 0.5)
     with pytest.raises(ValueError, match="kind"):
         ramps.noise_lambda(1.0, lambda_max=1.0, noise_start=0, ramp_epochs=1, kind="step")
-    with pytest.raises(ValueError, match="mu"):
-        noise.sample_delta(k_t, (3, 4), jnp.zeros(3), jnp.ones(4))
+    for batch in (0, 2.0):
+        with pytest.raises(ValueError, match="batch"):
+            noise.activation_noise_fn(graph, stats, k_t, 1.0, batch=batch)
     short = stats.replace(w_mu=stats.w_mu[:1], w_sigma=stats.w_sigma[:1])
     with pytest.raises(ValueError, match="kernels"):
         noise.weight_noise(variables["params"], graph, short, k_t, k_prev, 1.0)

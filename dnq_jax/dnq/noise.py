@@ -45,24 +45,6 @@ def _flat_draw(draw: Callable, key: jax.Array, shape: tuple[int, ...], dtype) ->
     return draw(key, (math.prod(shape),), dtype).reshape(shape)
 
 
-def sample_delta(
-    key: jax.Array, shape: tuple[int, ...], mu: jax.Array, sigma: jax.Array, dtype=jnp.float32
-) -> jax.Array:
-    """delta ~ N(mu_c, sigma_c^2) elementwise, mu and sigma of shape (C,) on the last axis.
-
-    Drawn in float32 and cast to `dtype`.
-
-    Raises:
-      ValueError: if mu or sigma is not of shape (shape[-1],).
-    """
-    shape = tuple(shape)
-    for name, v in (("mu", mu), ("sigma", sigma)):
-        if not shape or jnp.shape(v) != shape[-1:]:
-            raise ValueError(f"{name} must have shape {shape[-1:]} for a sample of {shape}")
-    z = _flat_draw(jax.random.normal, key, shape, jnp.float32)
-    return (jnp.asarray(mu, jnp.float32) + jnp.asarray(sigma, jnp.float32) * z).astype(dtype)
-
-
 def _kernel_stats(graph: taps.Graph, stats: NoiseStats) -> dict[tuple[str, ...], int]:
     """Kernel path -> index into stats.w_mu, after checking the stats fit the graph."""
     kernels = graph.kernel_layers()
@@ -79,8 +61,27 @@ def _kernel_stats(graph: taps.Graph, stats: NoiseStats) -> dict[tuple[str, ...],
     return {layer.path: i for i, layer in enumerate(kernels)}
 
 
-def _layer_delta(key, i: int, w: jax.Array, stats: NoiseStats) -> jax.Array:
-    return sample_delta(jax.random.fold_in(key, i), w.shape, stats.w_mu[i], stats.w_sigma[i])
+def _standard_normals(keys: jax.Array, graph: taps.Graph) -> list[list[jax.Array]]:
+    """Per key, one N(0, 1) draw for all kernels at once, cut into kernel-shaped pieces.
+
+    `keys` is a 1-d array of keys. Kernel i (graph.kernel_layers() order) gets elements
+    [o_i, o_i + n_i) of a flat draw over all kernels' elements: disjoint pieces of one draw,
+    hence independent.
+    """
+    shapes = [layer.kernel_shape for layer in graph.kernel_layers()]
+    sizes = [math.prod(s) for s in shapes]
+    total = sum(sizes)
+    # vmap over the keys: both steps' draws in one threefry computation, and each row
+    # equals what jax.random.normal(key, (total,)) gives for that key alone.
+    z = jax.vmap(lambda k: jax.random.normal(k, (total,), jnp.float32))(keys)
+    offsets = np.cumsum([0] + sizes)
+    return [
+        [row[o : o + n].reshape(shape) for o, n, shape in zip(offsets, sizes, shapes)] for row in z
+    ]
+
+
+def _deltas(z: list[jax.Array], stats: NoiseStats) -> list[jax.Array]:
+    return [stats.w_mu[i] + stats.w_sigma[i] * zi for i, zi in enumerate(z)]
 
 
 def weight_noise(
@@ -95,7 +96,9 @@ def weight_noise(
 ) -> PyTree:
     """The params the forward pass sees at this step: kernels perturbed, the rest untouched.
 
-    Per kernel i (graph.kernel_layers() order), with D(k) = sample_delta(fold_in(k, i), ...):
+    D(k) holds one sample per kernel: kernel i (graph.kernel_layers() order) gets
+    mu_i + sigma_i * z_i, z_i its piece of one flat N(0, 1) draw from k over all kernels
+    (`kernel_samples`). Then
       differential: W + lam * (D(k_t) - D(k_prev));  naive: W + lam * D(k_t);
       accumulate: params unchanged (the trainer adds `weight_sample` after the update).
     The noise does not depend on params, so the Jacobian w.r.t. params is the identity and
@@ -110,17 +113,32 @@ def weight_noise(
     if mode == "accumulate":
         return params
     lam = jnp.asarray(lam, jnp.float32)
+    keys = [key_t, key_prev] if mode == "differential" else [key_t]
+    draws = [_deltas(z, stats) for z in _standard_normals(jnp.stack(keys), graph)]
 
     def perturb(layer: taps.Layer, w: jax.Array) -> jax.Array:
         i = index[layer.path]
-        noise = _layer_delta(key_t, i, w, stats)
+        noise = draws[0][i]
         if mode == "differential":
-            # The same layer index on both steps: D(k_prev) here is bit for bit the sample
-            # the previous step drew as its D(k_t), so the two steps' perturbations telescope.
-            noise = noise - _layer_delta(key_prev, i, w, stats)
+            # D(k_prev) here is bit for bit the sample the previous step drew as its D(k_t),
+            # so the two steps' perturbations telescope.
+            noise = noise - draws[1][i]
         return w + (lam * noise).astype(w.dtype)
 
     return taps.map_kernels(params, graph.kernel_layers(), perturb)
+
+
+def kernel_samples(graph: taps.Graph, stats: NoiseStats, key: jax.Array) -> list[jax.Array]:
+    """D(key): float32 samples of N(mu_i, sigma_i^2) per output channel, one per kernel.
+
+    In graph.kernel_layers() order; what `weight_noise` adds (times lam) at the step whose
+    key is `key`.
+
+    Raises:
+      ValueError: on stats that do not fit the graph.
+    """
+    _kernel_stats(graph, stats)
+    return _deltas(_standard_normals(jnp.stack([key]), graph)[0], stats)
 
 
 def weight_sample(
@@ -129,18 +147,19 @@ def weight_sample(
     """A params-shaped pytree holding lam * D(k_t) on each kernel and zeros elsewhere.
 
     The `accumulate` ablation adds it to the params after the optimizer update, so the noise
-    and its mean mu_w pile up in the stored weights. Uses the same per-kernel keys as
-    `weight_noise`, so it equals what `naive` mode would add.
+    and its mean mu_w pile up in the stored weights. Uses the same draw as `weight_noise`,
+    so it equals what `naive` mode would add.
 
     Raises:
       ValueError: on stats that do not fit the graph.
     """
     index = _kernel_stats(graph, stats)
     lam = jnp.asarray(lam, jnp.float32)
+    samples = kernel_samples(graph, stats, key_t)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
 
     def sample(layer: taps.Layer, w: jax.Array) -> jax.Array:
-        return (lam * _layer_delta(key_t, index[layer.path], w, stats)).astype(w.dtype)
+        return (lam * samples[index[layer.path]]).astype(w.dtype)
 
     return taps.map_kernels(zeros, graph.kernel_layers(), sample)
 
@@ -191,7 +210,15 @@ def activation_dropin(
       ValueError: on an unknown `mask`, rho outside [0, 1] or a non-positive tau.
     """
     _check_dropin_args(rho, mask, tau)
-    p = _mask_probability(x, rho, mask, tau)
+    bits = _flat_draw(jax.random.bits, key, x.shape, jnp.uint32)
+    eps = _dropin_noise(bits, lam, mu, sigma, _mask_probability(x, rho, mask, tau))
+    # Drawing in float32 keeps bf16 inputs from a coarse uniform grid; only the finished
+    # noise is cast, so the add and everything after it stay in x's dtype.
+    return x + eps.astype(x.dtype)
+
+
+def _dropin_noise(bits: jax.Array, lam, mu, sigma, p) -> jax.Array:
+    """M * eps (float32) from 32 random bits per element; see `activation_dropin`."""
     # This runs on every layer input at every step, so one uniform per element serves both
     # the mask and the Gaussian: half the random bits of a Bernoulli plus a normal draw.
     # u = (k + 1/2) 2^-23 with k uniform on the 23-bit integers is the midpoint grid of
@@ -202,16 +229,47 @@ def activation_dropin(
     # XLA's native erf_inv (the op jax.random.normal uses), which compiles to less work
     # than the polynomial ndtri. Clipping v only guards rounding at 1 and a zero p (nothing
     # masked, v discarded), so no NaN reaches any gradient.
-    bits = _flat_draw(jax.random.bits, key, x.shape, jnp.uint32)
     u = ((bits >> 9).astype(jnp.float32) + 0.5) * (2.0**-23)
     keep = u < p
     v = jnp.clip(u / jnp.maximum(p, 2.0**-23), 2.0**-24, 1.0 - 2.0**-24)
     z = math.sqrt(2.0) * jax.lax.erf_inv(2.0 * v - 1.0)
     lam = jnp.asarray(lam, jnp.float32)
     eps = lam * (jnp.asarray(mu, jnp.float32) + jnp.asarray(sigma, jnp.float32) * z)
-    # Drawing in float32 keeps bf16 inputs from a coarse uniform grid; only the finished
-    # noise is cast, so the add and everything after it stay in x's dtype.
-    return x + jnp.where(keep, eps, 0.0).astype(x.dtype)
+    return jnp.where(keep, eps, 0.0)
+
+
+def _site_columns(graph: taps.Graph) -> tuple[list[int], np.ndarray]:
+    """Per-example input sizes of the sites (graph.layers order) and their column offsets."""
+    sizes = [math.prod(layer.input_shape[1:]) for layer in graph.layers]
+    return sizes, np.cumsum([0] + sizes)
+
+
+def _site_draw(key: jax.Array, graph: taps.Graph, batch: int) -> jax.Array:
+    if not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    total = int(_site_columns(graph)[1][-1])
+    return _flat_draw(jax.random.bits, key, (int(batch), total), jnp.uint32)
+
+
+def _site_piece(a: jax.Array, graph: taps.Graph, i: int) -> jax.Array:
+    """Site i's columns of a (batch, S) array, shaped like its input."""
+    _, offsets = _site_columns(graph)
+    shape = (a.shape[0],) + tuple(graph.layers[i].input_shape[1:])
+    return a[:, offsets[i] : offsets[i + 1]].reshape(shape)
+
+
+def site_bits(key: jax.Array, graph: taps.Graph, batch: int) -> dict[str, jax.Array]:
+    """Site name -> uint32 random bits shaped like that site's input at batch size `batch`.
+
+    One draw of shape (batch, S), S the summed per-example input size of all sites in
+    graph.layers order; site i takes columns [o_i, o_i + s_i), reshaped. The batch axis comes
+    first, so under a batch-sharded jit every device draws the rows of its own examples.
+
+    Raises:
+      ValueError: if `batch` is not a positive int.
+    """
+    bits = _site_draw(key, graph, batch)
+    return {layer.name: _site_piece(bits, graph, i) for i, layer in enumerate(graph.layers)}
 
 
 def activation_noise_fn(
@@ -220,18 +278,21 @@ def activation_noise_fn(
     key: jax.Array,
     lam,
     *,
+    batch: int,
     rho=0.5,
     mask: str = "uniform",
     tau=1.0,
 ) -> Callable[[str, jax.Array], jax.Array]:
     """fn(site name, x) -> drop-in of x, for `taps.map_inputs`.
 
-    Site i (its index in graph.layers) uses key fold_in(key, i) and stats.a_mu[i],
-    stats.a_sigma[i].
+    Site i (its index in graph.layers) uses its piece of `site_bits(key, graph, batch)` and
+    stats.a_mu[i], stats.a_sigma[i]; the draw is made here, once for all sites, so the
+    inputs must have the shapes the graph was traced with, at batch size `batch`.
 
     Raises:
-      ValueError: on bad rho/mask/tau, or stats whose a_mu does not have one entry per site;
-        the returned fn raises it for a site name the graph does not know.
+      ValueError: on bad rho/mask/tau/batch, or stats whose a_mu does not have one entry per
+        site; the returned fn raises it for a site name the graph does not know or an input
+        of another shape.
     """
     _check_dropin_args(rho, mask, tau)
     n = len(graph.layers)
@@ -240,21 +301,39 @@ def activation_noise_fn(
             f"stats.a_mu / a_sigma must have shape ({n},) for {n} sites, got "
             f"{jnp.shape(stats.a_mu)} / {jnp.shape(stats.a_sigma)}"
         )
+    bits = _site_draw(key, graph, batch)
     index = {layer.name: i for i, layer in enumerate(graph.layers)}
+    if mask == "uniform":
+        # p does not depend on x, so the noise of every site is one elementwise computation
+        # over the whole draw (per-column mu and sigma) and each site only adds its piece:
+        # one copy of the inverse-CDF code for XLA to compile instead of one per site.
+        sizes, _ = _site_columns(graph)
+
+        def cols(v):
+            v = jnp.asarray(v, jnp.float32)
+            return jnp.concatenate([jnp.broadcast_to(v[k], (m,)) for k, m in enumerate(sizes)])
+
+        eps = _dropin_noise(bits, lam, cols(stats.a_mu), cols(stats.a_sigma), jnp.float32(rho))
 
     def fn(name: str, x: jax.Array) -> jax.Array:
         if name not in index:
             raise ValueError(f"name: site {name!r} is not in the graph {graph.names}")
         i = index[name]
-        return activation_dropin(
-            jax.random.fold_in(key, i),
-            x,
-            lam,
-            stats.a_mu[i],
-            stats.a_sigma[i],
-            rho=rho,
-            mask=mask,
-            tau=tau,
-        )
+        want = (batch,) + tuple(graph.layers[i].input_shape[1:])
+        if x.shape != want:
+            raise ValueError(
+                f"site {name!r} got an input of shape {x.shape}, but the noise was drawn for "
+                f"{want} (batch {batch}, the graph's traced shape "
+                f"{graph.layers[i].input_shape}); trace the graph with inputs shaped like "
+                "the training batch"
+            )
+        if mask == "uniform":
+            noise = _site_piece(eps, graph, i)
+        else:
+            p = _mask_probability(x, rho, mask, tau)
+            noise = _dropin_noise(
+                _site_piece(bits, graph, i), lam, stats.a_mu[i], stats.a_sigma[i], p
+            )
+        return x + noise.astype(x.dtype)
 
     return fn
