@@ -57,6 +57,21 @@ def sub_key(root: jax.Array, purpose: int) -> jax.Array:
     return jax.random.fold_in(root, purpose)
 
 
+def step_keys(root: jax.Array, t) -> dict[str, jax.Array]:
+    """The keys of step t: 'augment', 'act' = fold_in(sub_key(root, purpose), t) and the
+    weight-noise pair 'w_t', 'w_prev' = noise.step_keys(sub_key(root, KEY_WEIGHT_NOISE), t).
+
+    Computed as two vmapped fold_ins, whose rows equal the separate calls: each separate
+    fold_in is its own threefry computation for XLA to compile.
+    """
+    purposes = jnp.array([KEY_AUGMENT, KEY_ACT_NOISE, KEY_WEIGHT_NOISE], jnp.uint32)
+    subs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root, purposes)
+    t = jnp.asarray(t, jnp.int32)
+    data = jnp.stack([t, t, t, t - 1]).astype(jnp.uint32)  # t - 1 wraps for t = 0, as there
+    keys = jax.vmap(jax.random.fold_in)(subs[jnp.array([0, 1, 2, 2])], data)
+    return dict(zip(("augment", "act", "w_t", "w_prev"), keys))
+
+
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
     """The static (compile-time) settings of a train step."""
@@ -82,10 +97,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax
 
 
 def _max_abs(tree: PyTree) -> jax.Array:
-    leaves = [
-        jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jax.tree_util.tree_leaves(tree) if x.size
-    ]
-    return jnp.max(jnp.stack(leaves)) if leaves else jnp.zeros([], jnp.float32)
+    """max |x| over all leaves; NaN if any entry is NaN, inf if any is infinite."""
+    leaves = [x.ravel().astype(jnp.float32) for x in jax.tree_util.tree_leaves(tree) if x.size]
+    # One reduction over the concatenation: a reduction per leaf is a separate kernel for
+    # XLA to compile, and a model has dozens of leaves.
+    return jnp.max(jnp.abs(jnp.concatenate(leaves))) if leaves else jnp.zeros([], jnp.float32)
 
 
 def make_step(
@@ -110,16 +126,14 @@ def make_step(
         t = state.step
         x = images_u8[idx_b]
         y = labels[idx_b]
+        keys = step_keys(root, t)
         if s.pad or s.flip:
-            x = data.augment(
-                jax.random.fold_in(sub_key(root, KEY_AUGMENT), t), x, pad=s.pad, flip=s.flip
-            )
+            x = data.augment(keys["augment"], x, pad=s.pad, flip=s.flip)
         x = data.normalize(x, mean, std, dtype)
         if s.debug_nan_step >= 0:
             x = jnp.where(t == s.debug_nan_step, jnp.nan, x).astype(x.dtype)
         stats = state.noise_stats
-        k_t, k_prev = noise.step_keys(sub_key(root, KEY_WEIGHT_NOISE), t)
-        act_key = jax.random.fold_in(sub_key(root, KEY_ACT_NOISE), t)
+        k_t, k_prev, act_key = keys["w_t"], keys["w_prev"], keys["act"]
         perturb_w = noise_on and s.weight_noise in ("differential", "naive")
 
         def loss_fn(params):

@@ -61,27 +61,49 @@ def _kernel_stats(graph: taps.Graph, stats: NoiseStats) -> dict[tuple[str, ...],
     return {layer.path: i for i, layer in enumerate(kernels)}
 
 
-def _standard_normals(keys: jax.Array, graph: taps.Graph) -> list[list[jax.Array]]:
-    """Per key, one N(0, 1) draw for all kernels at once, cut into kernel-shaped pieces.
+def _once(lam, fn: Callable[[], jax.Array], shape: tuple[int, ...]) -> jax.Array:
+    """fn() (float32 of `shape`), computed into its own buffer on XLA:CPU; zeros if lam == 0.
 
-    `keys` is a 1-d array of keys. Kernel i (graph.kernel_layers() order) gets elements
-    [o_i, o_i + n_i) of a flat draw over all kernels' elements: disjoint pieces of one draw,
-    hence independent.
+    XLA:CPU fuses an elementwise producer into each of its consumers, so the inverse-CDF
+    code of a draw that feeds every layer was compiled once per layer (about 180
+    instructions each time) and the step compiled ~1.6x larger. A conditional's result is
+    always materialized, so there the draw sits in one: compiled once, skipped when
+    lam == 0, where the noise it feeds is zero anyway. GPU/TPU keep the fused form, which
+    never writes the draw to memory.
+    """
+    if jax.default_backend() != "cpu":
+        return fn()
+    zeros = lambda: jnp.zeros(shape, jnp.float32)
+    return jax.lax.cond(jnp.asarray(lam, jnp.float32) != 0, fn, zeros)
+
+
+def _per_element(per_channel: tuple[jax.Array, ...], shapes: list[tuple[int, ...]]) -> jax.Array:
+    """Per-output-channel vectors spread over their kernels' elements, all kernels flat."""
+    return jnp.concatenate(
+        [jnp.broadcast_to(v.astype(jnp.float32), s).ravel() for v, s in zip(per_channel, shapes)]
+    )
+
+
+def _flat_samples(keys: jax.Array, graph: taps.Graph, stats: NoiseStats) -> jax.Array:
+    """D(k) for each key in the 1-d array `keys`, as rows over all kernels' elements, flat.
+
+    Kernel i (graph.kernel_layers() order) owns elements [o_i, o_i + n_i) of the row:
+    mu_i + sigma_i * z, z its piece of one flat N(0, 1) draw from k over all kernels'
+    elements. Disjoint pieces of one draw, hence independent.
     """
     shapes = [layer.kernel_shape for layer in graph.kernel_layers()]
-    sizes = [math.prod(s) for s in shapes]
-    total = sum(sizes)
+    total = sum(math.prod(s) for s in shapes)
     # vmap over the keys: both steps' draws in one threefry computation, and each row
     # equals what jax.random.normal(key, (total,)) gives for that key alone.
     z = jax.vmap(lambda k: jax.random.normal(k, (total,), jnp.float32))(keys)
-    offsets = np.cumsum([0] + sizes)
-    return [
-        [row[o : o + n].reshape(shape) for o, n, shape in zip(offsets, sizes, shapes)] for row in z
-    ]
+    return _per_element(stats.w_mu, shapes) + _per_element(stats.w_sigma, shapes) * z
 
 
-def _deltas(z: list[jax.Array], stats: NoiseStats) -> list[jax.Array]:
-    return [stats.w_mu[i] + stats.w_sigma[i] * zi for i, zi in enumerate(z)]
+def _split(flat: jax.Array, graph: taps.Graph) -> list[jax.Array]:
+    """A flat vector over all kernels' elements, cut into kernel-shaped pieces."""
+    shapes = [layer.kernel_shape for layer in graph.kernel_layers()]
+    offsets = np.cumsum([0] + [math.prod(s) for s in shapes])
+    return [flat[offsets[i] : offsets[i + 1]].reshape(s) for i, s in enumerate(shapes)]
 
 
 def weight_noise(
@@ -113,17 +135,19 @@ def weight_noise(
     if mode == "accumulate":
         return params
     lam = jnp.asarray(lam, jnp.float32)
-    keys = [key_t, key_prev] if mode == "differential" else [key_t]
-    draws = [_deltas(z, stats) for z in _standard_normals(jnp.stack(keys), graph)]
+    keys = jnp.stack([key_t, key_prev] if mode == "differential" else [key_t])
+
+    def perturbation() -> jax.Array:
+        d = _flat_samples(keys, graph, stats)
+        # D(k_prev) here is bit for bit the sample the previous step drew as its D(k_t), so
+        # the two steps' perturbations telescope.
+        return lam * (d[0] - d[1] if mode == "differential" else d[0])
+
+    total = sum(math.prod(layer.kernel_shape) for layer in graph.kernel_layers())
+    noise = _split(_once(lam, perturbation, (total,)), graph)
 
     def perturb(layer: taps.Layer, w: jax.Array) -> jax.Array:
-        i = index[layer.path]
-        noise = draws[0][i]
-        if mode == "differential":
-            # D(k_prev) here is bit for bit the sample the previous step drew as its D(k_t),
-            # so the two steps' perturbations telescope.
-            noise = noise - draws[1][i]
-        return w + (lam * noise).astype(w.dtype)
+        return w + noise[index[layer.path]].astype(w.dtype)
 
     return taps.map_kernels(params, graph.kernel_layers(), perturb)
 
@@ -138,7 +162,7 @@ def kernel_samples(graph: taps.Graph, stats: NoiseStats, key: jax.Array) -> list
       ValueError: on stats that do not fit the graph.
     """
     _kernel_stats(graph, stats)
-    return _deltas(_standard_normals(jnp.stack([key]), graph)[0], stats)
+    return _split(_flat_samples(jnp.stack([key]), graph, stats)[0], graph)
 
 
 def weight_sample(
@@ -313,7 +337,8 @@ def activation_noise_fn(
             v = jnp.asarray(v, jnp.float32)
             return jnp.concatenate([jnp.broadcast_to(v[k], (m,)) for k, m in enumerate(sizes)])
 
-        eps = _dropin_noise(bits, lam, cols(stats.a_mu), cols(stats.a_sigma), jnp.float32(rho))
+        mu, sigma = cols(stats.a_mu), cols(stats.a_sigma)
+        eps = _once(lam, lambda: _dropin_noise(bits, lam, mu, sigma, jnp.float32(rho)), bits.shape)
 
     def fn(name: str, x: jax.Array) -> jax.Array:
         if name not in index:
