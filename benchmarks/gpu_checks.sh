@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Every GPU check of this project in one run, for a machine with one GPU (about 6-8 minutes
+# on an H100/H200, most of it XLA compiles):
+#
+#   bash benchmarks/gpu_checks.sh [OUT_DIR]
+#
+# 1. the noise, profiler, quantizer and trainer tests on the GPU backend (tests whose
+#    premise is CPU-only, such as 8 host devices, skip themselves);
+# 2. benchmarks/train_speed.py for ResNet-20 at batch 128 fp32 and at batch 512 bf16, each
+#    with the scanned-epoch timing (--epoch).
+# Wheels missing from the machine (ml_collections, tensorboardX) are installed from .whl/
+# if that folder exists. Everything printed is also written to OUT_DIR/gpu_checks.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-.}}"
+mkdir -p "$out"
+log="$out/gpu_checks.log"
+py="${PYTHON:-python3}"
+if [ -d .whl ]; then
+  "$py" -m pip install -q --no-index --no-deps --target /tmp/dnq_site .whl/*.whl
+  export PYTHONPATH="/tmp/dnq_site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH=".:${PYTHONPATH:-}"
+{
+  "$py" -c "import jax; print('devices:', jax.devices(), 'jax', jax.__version__)"
+  DNQ_TEST_JAX_CACHE=/tmp/dnq_gpu_cache "$py" -m pytest -q -p no:cacheprovider \
+    tests/test_dnq_noise.py tests/test_profiler.py tests/test_quant.py tests/test_train.py \
+    2>&1 | tail -n 25
+  "$py" benchmarks/train_speed.py --steps 50 --compile-repeats 2 --epoch
+  "$py" benchmarks/train_speed.py --dtype bfloat16 --batch 512 --steps 50 --compile-repeats 2 \
+    --epoch
+} 2>&1 | tee "$log"
