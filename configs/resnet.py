@@ -14,7 +14,8 @@ the last 100 epochs, SGD Nesterov 0.9, lr 0.015 cosine, wd 1e-3, batch 64, label
 
 Expected time (ResNet-20, CIFAR-10, batch 64, 400 epochs; estimated from the measured step
 times in benchmarks/RESULTS.md): about 15-20 minutes on one H100/H200 (~2 s per scanned
-epoch of 781 steps with DNQ on); on 2 CPU cores about a day (~0.3 s/step), so use `fast` or
+epoch of 781 steps with DNQ on); on 2 CPU cores about a day and a half (0.32 s per clean step,
+0.39 s per noisy step: `benchmarks/train_speed.py --batch 64`), so use `fast` or
 `smoke` there. `smoke` (synthetic data, resnet8, 4 epochs of 4 steps) takes about 30 s on
 2 CPU cores.
 """

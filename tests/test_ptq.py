@@ -1,8 +1,5 @@
 """Round-to-nearest PTQ: numerics against independent computations, on models defined here."""
 
-import re
-from pathlib import Path
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,8 +9,6 @@ import pytest
 
 from dnq_jax import ptq, quant
 from dnq_jax.ptq import calibration
-
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 class SmallCNN(nn.Module):
@@ -358,15 +353,3 @@ def test_bad_accuracy_arguments_are_named(trained):
         ptq.accuracy(qm, x_train[:4], y_test[:3])
     with pytest.raises(ValueError, match="batch_size"):
         ptq.accuracy(qm, x_train[:4], y_test[:4], batch_size=0)
-
-
-def test_readme_example_runs(capsys):
-    text = README.read_text() if README.exists() else ""
-    section = re.search(r"^## Quantize any Flax model\s*$(.*?)(?=^## |\Z)", text, re.M | re.S)
-    if section is None:
-        pytest.skip("README.md has no '## Quantize any Flax model' section yet")
-    block = re.search(r"```python\n(.*?)```", section.group(1), re.S)
-    if block is None:
-        pytest.skip("the README section has no ```python block yet")
-    exec(compile(block.group(1), str(README), "exec"), {"__name__": "readme_example"})
-    assert "W4A4" in capsys.readouterr().out
