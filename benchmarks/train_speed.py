@@ -95,11 +95,11 @@ def time_epochs(step, box, images, labels, key, lam, n, b, cpu_steps):
     for noise_on in (False, True):
         name = "dnq" if noise_on else "no-noise"
         if cpu:
-            run = lambda k, on=noise_on: chunk(box[0], images, labels, all_idx[k : k + 1], lam, on)
-            box[0], _ = _block(run(0))
+            rows = [all_idx[k % spe : k % spe + 1] for k in range(cpu_steps + 1)]
+            box[0], _ = _block(chunk(box[0], images, labels, rows[0], lam, noise_on))
             t0 = time.perf_counter()
-            for k in range(1, cpu_steps + 1):
-                box[0], _ = run(k)
+            for row in rows[1:]:
+                box[0], _ = chunk(box[0], images, labels, row, lam, noise_on)
             _block(box[0])
             per_step = (time.perf_counter() - t0) / cpu_steps
             print(

@@ -61,14 +61,14 @@ def step_keys(root: jax.Array, t) -> dict[str, jax.Array]:
     """The keys of step t: 'augment', 'act' = fold_in(sub_key(root, purpose), t) and the
     weight-noise pair 'w_t', 'w_prev' = noise.step_keys(sub_key(root, KEY_WEIGHT_NOISE), t).
 
-    Computed as two vmapped fold_ins, whose rows equal the separate calls: each separate
-    fold_in is its own threefry computation for XLA to compile.
+    Computed as two batched fold_ins (`noise.per_key`), whose rows equal the separate
+    calls: each separate fold_in is its own threefry computation for XLA to compile.
     """
     purposes = jnp.array([KEY_AUGMENT, KEY_ACT_NOISE, KEY_WEIGHT_NOISE], jnp.uint32)
-    subs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root, purposes)
+    subs = noise.per_key(jax.random.fold_in, jnp.stack([root] * 3), purposes)
     t = jnp.asarray(t, jnp.int32)
     data = jnp.stack([t, t, t, t - 1]).astype(jnp.uint32)  # t - 1 wraps for t = 0, as there
-    keys = jax.vmap(jax.random.fold_in)(subs[jnp.array([0, 1, 2, 2])], data)
+    keys = noise.per_key(jax.random.fold_in, subs[jnp.array([0, 1, 2, 2])], data)
     return dict(zip(("augment", "act", "w_t", "w_prev"), keys))
 
 
@@ -97,8 +97,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax
 
 
 def _max_abs(tree: PyTree) -> jax.Array:
-    """max |x| over all leaves; NaN if any entry is NaN, inf if any is infinite."""
-    leaves = [x.ravel().astype(jnp.float32) for x in jax.tree_util.tree_leaves(tree) if x.size]
+    """max |x| over all float leaves; NaN if any entry is NaN, inf if any is infinite."""
+    leaves = [
+        x.ravel().astype(jnp.float32)
+        for x in jax.tree_util.tree_leaves(tree)
+        if x.size and jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
     # One reduction over the concatenation: a reduction per leaf is a separate kernel for
     # XLA to compile, and a model has dozens of leaves.
     return jnp.max(jnp.abs(jnp.concatenate(leaves))) if leaves else jnp.zeros([], jnp.float32)
@@ -116,9 +120,9 @@ def make_step(
     """fn(state, images_u8, labels, idx_b, lam, noise_on) -> (state, metrics) for one step.
 
     `noise_on` is a Python bool (static): the warm-up compiles a step without any noise op.
-    A step whose loss or gradients are not finite reports `finite=False`; the state it
-    returns is then poisoned and is to be discarded (the trainer stops or rolls back to
-    the last checkpoint, which never holds such a state).
+    A step whose loss, gradients or new state are not finite reports `finite=False`; the
+    state it returns is then poisoned and is to be discarded (the trainer stops or rolls
+    back to the last checkpoint, which never holds such a state).
     """
 
     def step(state: TrainState, images_u8, labels, idx_b, lam, noise_on: bool):
@@ -162,11 +166,14 @@ def make_step(
         if noise_on and s.weight_noise == "accumulate":
             sample = noise.weight_sample(new_params, graph, stats, k_t, lam)
             new_params = jax.tree_util.tree_map(jnp.add, new_params, sample)
-        # max |g| is NaN or inf exactly when some gradient entry is; unlike a norm it cannot
-        # overflow. Reporting is all the step does: holding the old state back with a
-        # select over every leaf of params and optimizer state made the compiled step
+        # max |v| is NaN or inf exactly when some entry is; unlike a norm it cannot overflow.
+        # Taken over the gradients and everything the step writes (params, BN statistics,
+        # optimizer and SWA state), so whatever poisons them (SAM's second gradient, the
+        # accumulate sample, an optimizer overflow) is seen. Reporting is all the step does:
+        # holding the old state back with a select over every leaf made the compiled step
         # markedly larger, and the trainer never keeps a state past a non-finite step.
-        finite = jnp.isfinite(loss) & jnp.isfinite(_max_abs(grads))
+        written = (grads, new_params, new_bs, new_opt)
+        finite = jnp.isfinite(loss) & jnp.isfinite(_max_abs(written))
         new_state = state.replace(
             step=t + 1, params=new_params, batch_stats=new_bs, opt_state=new_opt
         )

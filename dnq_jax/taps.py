@@ -57,8 +57,7 @@ class Layer:
       name: site name: the module path joined by '/', with '#k' for the k-th repeated call.
       path: the module path; the kernel is params[path...]['kernel'].
       kind: 'conv' or 'dense'.
-      index: position in call order (0 = first layer applied); stable, so it also indexes
-        per-layer PRNG keys.
+      index: position in call order (0 = first layer applied).
       kernel_shape: shape of the kernel (output channels last for Flax Conv and Dense).
       input_shape: shape of the layer input seen when traced.
       output_shape: shape of the layer output seen when traced.

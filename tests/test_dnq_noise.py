@@ -71,7 +71,10 @@ def test_step_keys_fold_in_the_step_and_never_repeat():
     np.testing.assert_array_equal(traced[1], data(noise.step_keys(key, 2)[0]))
 
 
-@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+IMPLS = ["threefry2x32", "rbg", "unsafe_rbg"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_train_step_keys_equal_the_separate_derivations(impl):
     root = jax.random.key(11, impl=impl)
     data = jax.random.key_data
@@ -90,16 +93,17 @@ def test_train_step_keys_equal_the_separate_derivations(impl):
             np.testing.assert_array_equal(got[name], data(key), err_msg=name)
 
 
-def test_previous_sample_is_regenerated_bit_exactly(setup):
-    _, _, variables, graph, stats = setup
+@pytest.mark.parametrize("impl", IMPLS)
+def test_previous_sample_is_regenerated_bit_exactly(setup, impl):
+    _, _, variables, graph, real_stats = setup
     zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["params"])
-    key, t = jax.random.key(3), 11
+    key, t = jax.random.key(3, impl=impl), 11
     # mu = 0: a compiler may contract mu + sigma * z into one fused multiply-add in one
     # program and not in another (a 1-ulp difference between two programs); sigma * z + 0
     # rounds the same either way, so the comparison across programs below is exact.
-    stats = stats.replace(w_mu=tuple(jnp.zeros_like(m) for m in stats.w_mu))
+    stats = real_stats.replace(w_mu=tuple(jnp.zeros_like(m) for m in real_stats.w_mu))
 
-    def added(step, mode):
+    def added(step, mode, stats=stats):
         # W = 0 and lam = 1 make the transform return its raw noise with no rounding.
         k_t, k_prev = noise.step_keys(key, step)
         return _kernels(noise.weight_noise(zeros, graph, stats, k_t, k_prev, 1.0, mode=mode), graph)
@@ -109,6 +113,10 @@ def test_previous_sample_is_regenerated_bit_exactly(setup):
     for a, b, c in zip(diff, d_t, d_prev):
         assert np.abs(c).max() > 0
         np.testing.assert_array_equal(a, b - c)
+    # With the real, nonzero mu the same holds up to that rounding, and mu cancels.
+    r_prev, r_t = added(t - 1, "naive", real_stats), added(t, "naive", real_stats)
+    for a, b, c in zip(added(t, "differential", real_stats), r_t, r_prev):
+        np.testing.assert_allclose(a, b - c, rtol=0, atol=1e-6)
     sample = noise.weight_sample(zeros, graph, stats, noise.step_keys(key, t - 1)[0], 1.0)
     for a, b in zip(_kernels(sample, graph), d_prev):
         np.testing.assert_array_equal(a, b)
@@ -154,10 +162,11 @@ def test_differential_is_unbiased_and_naive_is_biased(setup):
         np.testing.assert_allclose(naive.std(0), lam * sigma, rtol=5 / np.sqrt(2 * n))
 
 
-def test_differential_perturbations_telescope(setup):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_differential_perturbations_telescope(setup, impl):
     _, _, variables, graph, stats = setup
     zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["params"])
-    key, lam, steps = jax.random.key(9), 0.7, 20
+    key, lam, steps = jax.random.key(9, impl=impl), 0.7, 20
 
     @jax.jit
     def perturbation(t, lam):
@@ -275,10 +284,17 @@ def test_dropin_under_jit_and_grad_keeps_dtype(mask):
     assert out.dtype == jnp.bfloat16 and not np.array_equal(out, xb)
 
 
-def test_activation_noise_fn_uses_each_sites_piece_and_stats(setup):
+def _salience_p(h, rho, tau):
+    score = np.mean(np.abs(np.asarray(h, np.float64)), axis=(0, 1, 2)) / tau
+    soft = np.exp(score - score.max())
+    return np.clip(rho * h.shape[-1] * soft / soft.sum(), 0, 1)
+
+
+@pytest.mark.parametrize("mask", ["uniform", "salience"])
+def test_activation_noise_fn_uses_each_sites_piece_and_stats(setup, mask):
     model, x, variables, graph, stats = setup
-    key, lam, batch = jax.random.key(4), 0.9, x.shape[0]
-    fn = noise.activation_noise_fn(graph, stats, key, lam, batch=batch)
+    key, lam, batch, rho, tau = jax.random.key(4), 0.9, x.shape[0], 0.5, 2.0
+    fn = noise.activation_noise_fn(graph, stats, key, lam, batch=batch, mask=mask, tau=tau)
     bits = noise.site_bits(key, graph, batch)
     # Sites in call order, each a contiguous block of columns of one (batch, S) draw.
     flat = np.concatenate([np.asarray(bits[n]).reshape(batch, -1) for n in graph.names], axis=1)
@@ -288,9 +304,10 @@ def test_activation_noise_fn_uses_each_sites_piece_and_stats(setup):
     for i, name in enumerate(graph.names[:2]):
         # The drop-in law, recomputed in float64 from the site's bits.
         u = ((np.asarray(bits[name]) >> 9).astype(np.float64) + 0.5) * 2.0**-23
-        v = np.clip(u / 0.5, 2.0**-24, 1 - 2.0**-24)
+        p = rho if mask == "uniform" else _salience_p(h, rho, tau)
+        v = np.clip(u / p, 2.0**-24, 1 - 2.0**-24)
         eps = lam * (float(stats.a_mu[i]) + float(stats.a_sigma[i]) * sps.norm.ppf(v))
-        want = np.asarray(h, np.float64) + np.where(u < 0.5, eps, 0.0)
+        want = np.asarray(h, np.float64) + np.where(u < p, eps, 0.0)
         np.testing.assert_allclose(fn(name, h), want, rtol=1e-5, atol=1e-5)
     assert not np.array_equal(fn("c1", h), fn("c2", h))
     with pytest.raises(ValueError, match="name"):
@@ -305,6 +322,37 @@ def test_activation_noise_fn_uses_each_sites_piece_and_stats(setup):
 
     np.testing.assert_array_equal(forward(0.0), model.apply(variables, x))
     assert not np.allclose(forward(1.0), model.apply(variables, x))
+
+
+def test_cpu_conditional_and_fused_paths_give_the_same_noise(setup, monkeypatch):
+    """On XLA:CPU the draws sit in a conditional; other backends fuse them. Same values."""
+    model, x, variables, graph, stats = setup
+    params = variables["params"]
+    k_t, k_prev = noise.step_keys(jax.random.key(5), 3)
+    act_key = jax.random.key(6)
+
+    @jax.jit
+    def forward(lam):
+        noisy = noise.weight_noise(params, graph, stats, k_t, k_prev, lam)
+        fn = noise.activation_noise_fn(graph, stats, act_key, lam, batch=x.shape[0])
+        with taps.map_inputs(fn):
+            return noisy, model.apply({"params": noisy}, x)
+
+    def run(backend, lam):
+        monkeypatch.setattr(noise.jax, "default_backend", lambda: backend)
+        jax.clear_caches()
+        # Two conditionals (weights, drop-in) on the CPU path, none on the fused one.
+        assert str(jax.make_jaxpr(forward)(lam)).count("cond[") == (2 if backend == "cpu" else 0)
+        return jax.tree_util.tree_map(np.asarray, forward(lam))
+
+    on_cpu, fused = run("cpu", 0.7), run("gpu", 0.7)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), on_cpu, fused
+    )
+    assert not np.allclose(on_cpu[1], model.apply(variables, x))
+    clean = (jax.tree_util.tree_map(np.asarray, params), np.asarray(model.apply(variables, x)))
+    for backend in ("cpu", "gpu"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, run(backend, 0.0), clean)
 
 
 def test_kernel_samples_are_pieces_of_one_normal_draw(setup):

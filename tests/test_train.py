@@ -3,13 +3,18 @@
 import json
 import shutil
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
 from configs import resnet
-from dnq_jax import metrics
+from dnq_jax import metrics, taps
+from dnq_jax.dnq import init_stats
+from dnq_jax.step import StepSettings, TrainState, make_step
 from dnq_jax.train import train_and_evaluate
 
 
@@ -85,3 +90,43 @@ def test_eight_devices_match_one_device(tmp_path):
     flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(t)])
     a, b = flat(runs[8]["params"]), flat(runs[1]["params"])
     assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(b)
+
+
+class _Linear(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(3)(x)
+
+
+def test_step_reports_a_poisoned_new_state_as_not_finite():
+    """The finiteness flag covers what the step writes, not only the loss and gradients."""
+    model = _Linear()
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 4), dtype=np.uint8))
+    labels = jnp.arange(8, dtype=jnp.int32) % 3
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+    graph = taps.trace(model, variables, jnp.zeros((2, 4)))
+    tx = optax.sgd(0.1)
+    settings = StepSettings(weight_noise="accumulate")
+    step = make_step(model, graph, tx, settings, jnp.full((4,), 0.5), jnp.full((4,), 0.25))
+    run = jax.jit(lambda s: step(s, images, labels, jnp.arange(8), jnp.float32(0.5), True))
+
+    def state(sigma):
+        stats = init_stats(graph)
+        stats = stats.replace(w_sigma=(jnp.full((3,), sigma, jnp.float32),))
+        return TrainState(
+            step=jnp.zeros([], jnp.int32),
+            params=variables["params"],
+            batch_stats={},
+            opt_state=tx.init(variables["params"]),
+            noise_stats=stats,
+            rng=jax.random.key_data(jax.random.key(1)),
+            lam_scale=jnp.ones([], jnp.float32),
+        )
+
+    new, m = run(state(0.1))
+    assert bool(m["finite"]) and np.all(np.isfinite(new.params["Dense_0"]["kernel"]))
+    # A NaN noise statistic poisons only the accumulated sample added after the update:
+    # loss and gradients stay finite, the new params do not.
+    new, m = run(state(np.nan))
+    assert np.isfinite(m["loss"]) and not np.all(np.isfinite(new.params["Dense_0"]["kernel"]))
+    assert not bool(m["finite"])

@@ -1,9 +1,12 @@
 """DNQ noise: differential weight noise and stochastic activation drop-in (DESIGN section 3).
 
 Everything is a pure function of explicit PRNG keys. Keys are derived, never chained: the
-step key is fold_in(noise_key, step) and a layer's key is fold_in(step_key, layer index), so
-the sample a step drew can be regenerated later from (step, layer) alone. That is what lets
-the differential form subtract the previous step's sample without storing it.
+step key is fold_in(noise_key, step), and a step makes one draw for all its kernels and one
+for all its layer inputs, each layer taking a disjoint piece. So the sample a step drew can be
+regenerated later from the step number alone (which lets the differential form subtract the
+previous step's sample without storing it), and no two layers or steps share random numbers.
+One draw per step rather than one per layer also keeps the compiled step small: every PRNG
+call is a separate computation for XLA to compile.
 """
 
 from __future__ import annotations
@@ -61,6 +64,18 @@ def _kernel_stats(graph: taps.Graph, stats: NoiseStats) -> dict[tuple[str, ...],
     return {layer.path: i for i, layer in enumerate(kernels)}
 
 
+def per_key(fn: Callable, keys: jax.Array, *args: jax.Array) -> jax.Array:
+    """stack([fn(keys[i], args[0][i], ...) for i]): one vmapped call for threefry keys.
+
+    Vmapped threefry draws equal the separate ones, and one batched PRNG computation
+    compiles faster than several. Vmapped `rbg`/`unsafe_rbg` draws do not equal the separate
+    ones (JAX batches their bit generator into a single draw), so for those it loops.
+    """
+    if str(jax.random.key_impl(keys)) == "threefry2x32":
+        return jax.vmap(fn)(keys, *args)
+    return jnp.stack([fn(keys[i], *(a[i] for a in args)) for i in range(keys.shape[0])])
+
+
 def _once(lam, fn: Callable[[], jax.Array], shape: tuple[int, ...]) -> jax.Array:
     """fn() (float32 of `shape`), computed into its own buffer on XLA:CPU; zeros if lam == 0.
 
@@ -69,7 +84,9 @@ def _once(lam, fn: Callable[[], jax.Array], shape: tuple[int, ...]) -> jax.Array
     instructions each time) and the step compiled ~1.6x larger. A conditional's result is
     always materialized, so there the draw sits in one: compiled once, skipped when
     lam == 0, where the noise it feeds is zero anyway. GPU/TPU keep the fused form, which
-    never writes the draw to memory.
+    never writes the draw to memory. Both give the same perturbed values (to float
+    rounding); they differ only in d/d(lam) at lam == 0 and in how non-finite statistics
+    propagate when lam == 0, neither of which training uses.
     """
     if jax.default_backend() != "cpu":
         return fn()
@@ -93,9 +110,8 @@ def _flat_samples(keys: jax.Array, graph: taps.Graph, stats: NoiseStats) -> jax.
     """
     shapes = [layer.kernel_shape for layer in graph.kernel_layers()]
     total = sum(math.prod(s) for s in shapes)
-    # vmap over the keys: both steps' draws in one threefry computation, and each row
-    # equals what jax.random.normal(key, (total,)) gives for that key alone.
-    z = jax.vmap(lambda k: jax.random.normal(k, (total,), jnp.float32))(keys)
+    # Each row equals what jax.random.normal(key, (total,)) gives for that key alone.
+    z = per_key(lambda k: jax.random.normal(k, (total,), jnp.float32), keys)
     return _per_element(stats.w_mu, shapes) + _per_element(stats.w_sigma, shapes) * z
 
 
@@ -268,9 +284,13 @@ def _site_columns(graph: taps.Graph) -> tuple[list[int], np.ndarray]:
     return sizes, np.cumsum([0] + sizes)
 
 
-def _site_draw(key: jax.Array, graph: taps.Graph, batch: int) -> jax.Array:
+def _check_batch(batch) -> None:
     if not isinstance(batch, (int, np.integer)) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
+
+
+def _site_draw(key: jax.Array, graph: taps.Graph, batch: int) -> jax.Array:
+    _check_batch(batch)
     total = int(_site_columns(graph)[1][-1])
     return _flat_draw(jax.random.bits, key, (int(batch), total), jnp.uint32)
 
@@ -310,8 +330,10 @@ def activation_noise_fn(
     """fn(site name, x) -> drop-in of x, for `taps.map_inputs`.
 
     Site i (its index in graph.layers) uses its piece of `site_bits(key, graph, batch)` and
-    stats.a_mu[i], stats.a_sigma[i]; the draw is made here, once for all sites, so the
-    inputs must have the shapes the graph was traced with, at batch size `batch`.
+    stats.a_mu[i], stats.a_sigma[i]; the draw is made here, once for all sites, so every
+    input must be a batch of `batch` examples along its first axis, each shaped as when the
+    graph was traced (a layer fed a reshaped batch, e.g. (batch * tokens, features), must
+    have been traced that way too).
 
     Raises:
       ValueError: on bad rho/mask/tau/batch, or stats whose a_mu does not have one entry per
@@ -325,7 +347,7 @@ def activation_noise_fn(
             f"stats.a_mu / a_sigma must have shape ({n},) for {n} sites, got "
             f"{jnp.shape(stats.a_mu)} / {jnp.shape(stats.a_sigma)}"
         )
-    bits = _site_draw(key, graph, batch)
+    _check_batch(batch)
     index = {layer.name: i for i, layer in enumerate(graph.layers)}
     if mask == "uniform":
         # p does not depend on x, so the noise of every site is one elementwise computation
@@ -338,7 +360,12 @@ def activation_noise_fn(
             return jnp.concatenate([jnp.broadcast_to(v[k], (m,)) for k, m in enumerate(sizes)])
 
         mu, sigma = cols(stats.a_mu), cols(stats.a_sigma)
-        eps = _once(lam, lambda: _dropin_noise(bits, lam, mu, sigma, jnp.float32(rho)), bits.shape)
+        draw = lambda: _dropin_noise(
+            _site_draw(key, graph, batch), lam, mu, sigma, jnp.float32(rho)
+        )
+        eps = _once(lam, draw, (batch, int(sum(sizes))))
+    else:
+        bits = _site_draw(key, graph, batch)
 
     def fn(name: str, x: jax.Array) -> jax.Array:
         if name not in index:
