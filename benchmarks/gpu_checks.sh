@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU check of this project in one run, for a machine with one GPU (about 6-8 minutes
-# on an H100/H200, most of it XLA compiles):
+# Every GPU check of this project in one run, for a machine with one GPU (not yet timed on
+# one; expect several minutes, most of them XLA compiles):
 #
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]
 #
-# 1. the noise, profiler, quantizer and trainer tests on the GPU backend (tests whose
-#    premise is CPU-only, such as 8 host devices, skip themselves);
-# 2. benchmarks/train_speed.py for ResNet-20 at batch 128 fp32 and at batch 512 bf16, each
-#    with the scanned-epoch timing (--epoch).
+# 1. benchmarks/train_speed.py for ResNet-20 at batch 128 fp32 and at batch 512 bf16, each
+#    with the scanned-epoch timing (--epoch), the second also with the weight-noise-only and
+#    drop-in-only steps (--breakdown);
+# 2. the noise, profiler, quantizer and trainer tests on the GPU backend (tests whose
+#    premise is CPU-only, such as 8 host devices, skip themselves).
+# The speed figures come first: they are what a short loan of a GPU is for.
 # Wheels missing from the machine (ml_collections, tensorboardX) are installed from .whl/
 # if that folder exists. Everything printed is also written to OUT_DIR/gpu_checks.log.
 set -uo pipefail
@@ -23,10 +25,10 @@ fi
 export PYTHONPATH=".:${PYTHONPATH:-}"
 {
   "$py" -c "import jax; print('devices:', jax.devices(), 'jax', jax.__version__)"
+  "$py" benchmarks/train_speed.py --steps 50 --compile-repeats 1 --epoch
+  "$py" benchmarks/train_speed.py --dtype bfloat16 --batch 512 --steps 50 --compile-repeats 1 \
+    --epoch --breakdown
   DNQ_TEST_JAX_CACHE=/tmp/dnq_gpu_cache "$py" -m pytest -q -p no:cacheprovider \
     tests/test_dnq_noise.py tests/test_profiler.py tests/test_quant.py tests/test_train.py \
     2>&1 | tail -n 25
-  "$py" benchmarks/train_speed.py --steps 50 --compile-repeats 2 --epoch
-  "$py" benchmarks/train_speed.py --dtype bfloat16 --batch 512 --steps 50 --compile-repeats 2 \
-    --epoch
 } 2>&1 | tee "$log"

@@ -1,19 +1,21 @@
 """Speed of the DNQ train step against a plain Flax train step, measured in the same run.
 
   python benchmarks/train_speed.py                       # ResNet-20, B=128, fp32
-  python benchmarks/train_speed.py --dtype bfloat16 --batch 512 --epoch
+  python benchmarks/train_speed.py --dtype bfloat16 --batch 512 --epoch --breakdown
 
 Prints ms/step and images/s of both steps (same model, batch, data pipeline: device-resident
 uint8 CIFAR-shaped data, gather, crop+flip, normalise), their ratio, the compile times and
 their ratio, the profiler's cost as a fraction of an epoch, and (with --epoch) the time of a
 50,000-image epoch of the trainer with DNQ on and without noise (scanned on GPU/TPU; on CPU,
-where the trainer makes one jitted call per step, estimated from --steps calls). The last
-line is `ratio dnq/plain: R`.
+where the trainer makes one jitted call per step, estimated from --steps calls); with
+--breakdown also steps with only the weight noise and only the drop-in. The last line is
+`ratio dnq/plain: R`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -80,6 +82,22 @@ def time_steps(fn, n):
     return (time.perf_counter() - t0) / n
 
 
+def time_dnq_step(step, st, images, labels, idx, lam, steps, repeats):
+    """(ms/step, compile s, [final state]) of `step` with noise on, one jitted call per step."""
+    # The data are arguments, as in the plain step: a closed-over array would be embedded in
+    # the program as a constant and inflate the compile time.
+    fn = jax.jit(lambda s, im, lb, ix, lam: step(s, im, lb, ix, lam, True), donate_argnums=0)
+    compile_s, fn = compile_time(lambda: fn.lower(st, images, labels, idx, lam), repeats)
+    box = [st]
+
+    def run():
+        box[0], _ = fn(box[0], images, labels, idx, lam)
+        return box[0].params
+
+    run()
+    return 1e3 * time_steps(run, steps), compile_s, box
+
+
 def time_epochs(step, box, images, labels, key, lam, n, b, cpu_steps):
     """The trainer's epoch, without and with noise: one scanned call of all its steps on
     GPU/TPU; on CPU, where the trainer calls a jitted one-step chunk per step, `cpu_steps`
@@ -130,6 +148,11 @@ def main(argv=None):
     )
     ap.add_argument("--prng-impl", default="threefry2x32")
     ap.add_argument("--compile-repeats", type=int, default=3, help="compiles timed per step")
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time steps with only the weight noise and only the drop-in",
+    )
     args = ap.parse_args(argv)
     jax.config.update("jax_enable_compilation_cache", False)
 
@@ -201,28 +224,32 @@ def main(argv=None):
         rng=jax.random.key_data(jax.random.key(0, impl=args.prng_impl)),
         lam_scale=jnp.ones([], jnp.float32),
     )
-    # The data are arguments, as in the plain step: a closed-over array would be embedded in
-    # the program as a constant and inflate the compile time.
-    dnq = jax.jit(lambda s, im, lb, ix, lam: step(s, im, lb, ix, lam, True), donate_argnums=0)
     lam = jnp.float32(0.5)
-    dnq_compile, dnq = compile_time(
-        lambda: dnq.lower(st, images, labels, idx, lam), args.compile_repeats
+    # Copies: each timed step donates its state, and `st` is used again by --breakdown.
+    fresh = lambda: jax.tree_util.tree_map(jnp.copy, st)
+    dnq_ms, dnq_compile, box = time_dnq_step(
+        step, fresh(), images, labels, idx, lam, args.steps, args.compile_repeats
     )
-    box = [st]
-
-    def run_dnq():
-        box[0], _ = dnq(box[0], images, labels, idx, lam)
-        return box[0].params
-
-    run_dnq()
-    dnq_ms = 1e3 * time_steps(run_dnq, args.steps)
-
     ratio = dnq_ms / plain_ms
     epoch_ms = dnq_ms * spe
     b = args.batch
     print(f"{'step':<8}{'ms/step':>10}{'img/s':>10}{'compile s':>11}")
     print(f"{'plain':<8}{plain_ms:>10.2f}{1e3 * b / plain_ms:>10.0f}{plain_compile:>11.2f}")
     print(f"{'dnq':<8}{dnq_ms:>10.2f}{1e3 * b / dnq_ms:>10.0f}{dnq_compile:>11.2f}")
+    if args.breakdown:
+        parts = {
+            "w-noise": dict(weight_noise="differential", act_noise=False),
+            "drop-in": dict(weight_noise="none", act_noise=True),
+        }
+        for name, kw in parts.items():
+            part = make_step(
+                model, graph, tx, dataclasses.replace(settings, **kw), mean, std, dtype
+            )
+            ms, comp, _ = time_dnq_step(part, fresh(), images, labels, idx, lam, args.steps, 1)
+            print(
+                f"{name:<8}{ms:>10.2f}{1e3 * b / ms:>10.0f}{comp:>11.2f}"
+                f"   (x{ms / plain_ms:.2f} of plain)"
+            )
     print(f"compile ratio dnq/plain: {dnq_compile / plain_compile:.2f}")
     print(
         f"profiler: {prof_ms:.1f} ms per call (compile {prof_compile:.1f} s) = "
