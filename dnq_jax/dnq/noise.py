@@ -94,10 +94,30 @@ def _once(lam, fn: Callable[[], jax.Array], shape: tuple[int, ...]) -> jax.Array
     return jax.lax.cond(jnp.asarray(lam, jnp.float32) != 0, fn, zeros)
 
 
-def _per_element(per_channel: tuple[jax.Array, ...], shapes: list[tuple[int, ...]]) -> jax.Array:
-    """Per-output-channel vectors spread over their kernels' elements, all kernels flat."""
+def _kernel_shapes(graph: taps.Graph) -> list[tuple[int, ...]]:
+    return [layer.kernel_shape for layer in graph.kernel_layers()]
+
+
+def _site_shapes(graph: taps.Graph) -> list[tuple[int, ...]]:
+    """Per-example input shapes of the sites, graph.layers order."""
+    return [tuple(layer.input_shape[1:]) for layer in graph.layers]
+
+
+def _offsets(shapes: list[tuple[int, ...]]) -> np.ndarray:
+    """Where each shape's elements start in a flat concatenation of them; [-1] is the total."""
+    return np.cumsum([0] + [math.prod(s) for s in shapes])
+
+
+def _cut(a: jax.Array, shapes: list[tuple[int, ...]]) -> list[jax.Array]:
+    """The pieces of `a`'s last axis laid out by `shapes`, each reshaped to a.shape[:-1] + shape."""
+    o = _offsets(shapes)
+    return [a[..., o[i] : o[i + 1]].reshape(a.shape[:-1] + s) for i, s in enumerate(shapes)]
+
+
+def _spread(values, shapes: list[tuple[int, ...]]) -> jax.Array:
+    """values[i] broadcast over shapes[i] (trailing axes), flat and concatenated."""
     return jnp.concatenate(
-        [jnp.broadcast_to(v.astype(jnp.float32), s).ravel() for v, s in zip(per_channel, shapes)]
+        [jnp.broadcast_to(jnp.asarray(v, jnp.float32), s).ravel() for v, s in zip(values, shapes)]
     )
 
 
@@ -108,18 +128,11 @@ def _flat_samples(keys: jax.Array, graph: taps.Graph, stats: NoiseStats) -> jax.
     mu_i + sigma_i * z, z its piece of one flat N(0, 1) draw from k over all kernels'
     elements. Disjoint pieces of one draw, hence independent.
     """
-    shapes = [layer.kernel_shape for layer in graph.kernel_layers()]
-    total = sum(math.prod(s) for s in shapes)
+    shapes = _kernel_shapes(graph)
+    total = int(_offsets(shapes)[-1])
     # Each row equals what jax.random.normal(key, (total,)) gives for that key alone.
     z = per_key(lambda k: jax.random.normal(k, (total,), jnp.float32), keys)
-    return _per_element(stats.w_mu, shapes) + _per_element(stats.w_sigma, shapes) * z
-
-
-def _split(flat: jax.Array, graph: taps.Graph) -> list[jax.Array]:
-    """A flat vector over all kernels' elements, cut into kernel-shaped pieces."""
-    shapes = [layer.kernel_shape for layer in graph.kernel_layers()]
-    offsets = np.cumsum([0] + [math.prod(s) for s in shapes])
-    return [flat[offsets[i] : offsets[i + 1]].reshape(s) for i, s in enumerate(shapes)]
+    return _spread(stats.w_mu, shapes) + _spread(stats.w_sigma, shapes) * z
 
 
 def weight_noise(
@@ -159,8 +172,8 @@ def weight_noise(
         # the two steps' perturbations telescope.
         return lam * (d[0] - d[1] if mode == "differential" else d[0])
 
-    total = sum(math.prod(layer.kernel_shape) for layer in graph.kernel_layers())
-    noise = _split(_once(lam, perturbation, (total,)), graph)
+    shapes = _kernel_shapes(graph)
+    noise = _cut(_once(lam, perturbation, (int(_offsets(shapes)[-1]),)), shapes)
 
     def perturb(layer: taps.Layer, w: jax.Array) -> jax.Array:
         return w + noise[index[layer.path]].astype(w.dtype)
@@ -178,7 +191,7 @@ def kernel_samples(graph: taps.Graph, stats: NoiseStats, key: jax.Array) -> list
       ValueError: on stats that do not fit the graph.
     """
     _kernel_stats(graph, stats)
-    return _split(_flat_samples(jnp.stack([key]), graph, stats)[0], graph)
+    return _cut(_flat_samples(jnp.stack([key]), graph, stats)[0], _kernel_shapes(graph))
 
 
 def weight_sample(
@@ -278,12 +291,6 @@ def _dropin_noise(bits: jax.Array, lam, mu, sigma, p) -> jax.Array:
     return jnp.where(keep, eps, 0.0)
 
 
-def _site_columns(graph: taps.Graph) -> tuple[list[int], np.ndarray]:
-    """Per-example input sizes of the sites (graph.layers order) and their column offsets."""
-    sizes = [math.prod(layer.input_shape[1:]) for layer in graph.layers]
-    return sizes, np.cumsum([0] + sizes)
-
-
 def _check_batch(batch) -> None:
     if not isinstance(batch, (int, np.integer)) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
@@ -291,15 +298,8 @@ def _check_batch(batch) -> None:
 
 def _site_draw(key: jax.Array, graph: taps.Graph, batch: int) -> jax.Array:
     _check_batch(batch)
-    total = int(_site_columns(graph)[1][-1])
+    total = int(_offsets(_site_shapes(graph))[-1])
     return _flat_draw(jax.random.bits, key, (int(batch), total), jnp.uint32)
-
-
-def _site_piece(a: jax.Array, graph: taps.Graph, i: int) -> jax.Array:
-    """Site i's columns of a (batch, S) array, shaped like its input."""
-    _, offsets = _site_columns(graph)
-    shape = (a.shape[0],) + tuple(graph.layers[i].input_shape[1:])
-    return a[:, offsets[i] : offsets[i + 1]].reshape(shape)
 
 
 def site_bits(key: jax.Array, graph: taps.Graph, batch: int) -> dict[str, jax.Array]:
@@ -312,8 +312,8 @@ def site_bits(key: jax.Array, graph: taps.Graph, batch: int) -> dict[str, jax.Ar
     Raises:
       ValueError: if `batch` is not a positive int.
     """
-    bits = _site_draw(key, graph, batch)
-    return {layer.name: _site_piece(bits, graph, i) for i, layer in enumerate(graph.layers)}
+    pieces = _cut(_site_draw(key, graph, batch), _site_shapes(graph))
+    return dict(zip(graph.names, pieces))
 
 
 def activation_noise_fn(
@@ -353,25 +353,20 @@ def activation_noise_fn(
         # p does not depend on x, so the noise of every site is one elementwise computation
         # over the whole draw (per-column mu and sigma) and each site only adds its piece:
         # one copy of the inverse-CDF code for XLA to compile instead of one per site.
-        sizes, _ = _site_columns(graph)
-
-        def cols(v):
-            v = jnp.asarray(v, jnp.float32)
-            return jnp.concatenate([jnp.broadcast_to(v[k], (m,)) for k, m in enumerate(sizes)])
-
-        mu, sigma = cols(stats.a_mu), cols(stats.a_sigma)
+        shapes = _site_shapes(graph)
+        mu, sigma = _spread(stats.a_mu, shapes), _spread(stats.a_sigma, shapes)
         draw = lambda: _dropin_noise(
             _site_draw(key, graph, batch), lam, mu, sigma, jnp.float32(rho)
         )
-        eps = _once(lam, draw, (batch, int(sum(sizes))))
+        pieces = _cut(_once(lam, draw, (batch, int(_offsets(shapes)[-1]))), shapes)
     else:
-        bits = _site_draw(key, graph, batch)
+        pieces = _cut(_site_draw(key, graph, batch), _site_shapes(graph))
 
     def fn(name: str, x: jax.Array) -> jax.Array:
         if name not in index:
             raise ValueError(f"name: site {name!r} is not in the graph {graph.names}")
         i = index[name]
-        want = (batch,) + tuple(graph.layers[i].input_shape[1:])
+        want = pieces[i].shape
         if x.shape != want:
             raise ValueError(
                 f"site {name!r} got an input of shape {x.shape}, but the noise was drawn for "
@@ -380,12 +375,10 @@ def activation_noise_fn(
                 "the training batch"
             )
         if mask == "uniform":
-            noise = _site_piece(eps, graph, i)
+            noise = pieces[i]
         else:
             p = _mask_probability(x, rho, mask, tau)
-            noise = _dropin_noise(
-                _site_piece(bits, graph, i), lam, stats.a_mu[i], stats.a_sigma[i], p
-            )
+            noise = _dropin_noise(pieces[i], lam, stats.a_mu[i], stats.a_sigma[i], p)
         return x + noise.astype(x.dtype)
 
     return fn
