@@ -8,7 +8,7 @@ uint8 CIFAR-shaped data, gather, crop+flip, normalise), their ratio, the compile
 their ratio, the profiler's cost as a fraction of an epoch, and (with --epoch) the time of a
 50,000-image epoch of the trainer with DNQ on and without noise (scanned on GPU/TPU; on CPU,
 where the trainer makes one jitted call per step, estimated from --steps calls); with
---breakdown also steps with only the weight noise and only the drop-in. The last line is
+--breakdown also the step with its noise off and with each kind of noise alone. The last line is
 `ratio dnq/plain: R`.
 """
 
@@ -40,8 +40,10 @@ def _block(tree):
 def plain_flax_step(model, tx, mean, std, dtype):
     """The baseline: what a plain Flax CIFAR trainer's step does, nothing more."""
 
-    def step(params, batch_stats, opt_state, images, labels, idx, key):
-        x = data.augment(key, images[idx], pad=4, flip=True)
+    def step(params, batch_stats, opt_state, t, images, labels, idx, key):
+        # A fresh augmentation key per step, as a trainer must draw (Flax's examples fold
+        # the step into their dropout key the same way).
+        x = data.augment(jax.random.fold_in(key, t), images[idx], pad=4, flip=True)
         x = data.normalize(x, mean, std, dtype)
         y = labels[idx]
 
@@ -54,24 +56,26 @@ def plain_flax_step(model, tx, mean, std, dtype):
 
         (loss, bs), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
         upd, opt_state = tx.update(g, opt_state, params)
-        return optax.apply_updates(params, upd), bs, opt_state, loss
+        return optax.apply_updates(params, upd), bs, opt_state, t + 1, loss
 
-    return jax.jit(step, donate_argnums=(0, 1, 2))
+    return jax.jit(step, donate_argnums=(0, 1, 2, 3))
 
 
-def compile_time(lower, repeats):
-    """(best seconds to trace, lower and compile, the compiled function) over `repeats` runs.
+def compile_times(lowerers: dict, repeats: int) -> dict:
+    """name -> (best seconds to trace, lower and compile, the compiled function).
 
-    The in-memory caches are cleared before each run and the persistent cache is off, so
-    every run compiles from scratch; the minimum is the least disturbed by other load.
+    Each run clears the in-memory caches (the persistent cache is off), so every run
+    compiles from scratch. The functions take turns, `repeats` rounds, so a change in the
+    machine's load reaches all of them alike; the minimum is the least disturbed run.
     """
-    best, compiled = float("inf"), None
+    best, compiled = dict.fromkeys(lowerers, float("inf")), {}
     for _ in range(repeats):
-        jax.clear_caches()
-        t0 = time.perf_counter()
-        compiled = lower().compile()
-        best = min(best, time.perf_counter() - t0)
-    return best, compiled
+        for name, lower in lowerers.items():
+            jax.clear_caches()
+            t0 = time.perf_counter()
+            compiled[name] = lower().compile()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: (best[name], compiled[name]) for name in lowerers}
 
 
 def time_steps(fn, n):
@@ -82,12 +86,15 @@ def time_steps(fn, n):
     return (time.perf_counter() - t0) / n
 
 
-def time_dnq_step(step, st, images, labels, idx, lam, steps, repeats):
-    """(ms/step, compile s, [final state]) of `step` with noise on, one jitted call per step."""
-    # The data are arguments, as in the plain step: a closed-over array would be embedded in
-    # the program as a constant and inflate the compile time.
-    fn = jax.jit(lambda s, im, lb, ix, lam: step(s, im, lb, ix, lam, True), donate_argnums=0)
-    compile_s, fn = compile_time(lambda: fn.lower(st, images, labels, idx, lam), repeats)
+def jit_dnq_step(step, noise_on=True):
+    """The DNQ step, one jitted call per step; the data are arguments, as in the plain step
+    (a closed-over array would be embedded in the program as a constant and inflate the
+    compile time)."""
+    return jax.jit(lambda s, im, lb, ix, lam: step(s, im, lb, ix, lam, noise_on), donate_argnums=0)
+
+
+def time_dnq_step(fn, st, images, labels, idx, lam, steps):
+    """(ms/step, [final state]) of the compiled DNQ step `fn`, starting from state `st`."""
     box = [st]
 
     def run():
@@ -95,7 +102,7 @@ def time_dnq_step(step, st, images, labels, idx, lam, steps, repeats):
         return box[0].params
 
     run()
-    return 1e3 * time_steps(run, steps), compile_s, box
+    return 1e3 * time_steps(run, steps), box
 
 
 def time_epochs(step, box, images, labels, key, lam, n, b, cpu_steps):
@@ -151,7 +158,8 @@ def main(argv=None):
     ap.add_argument(
         "--breakdown",
         action="store_true",
-        help="also time steps with only the weight noise and only the drop-in",
+        help="also time the step with its noise off, and with only the weight noise or only "
+        "the drop-in",
     )
     args = ap.parse_args(argv)
     jax.config.update("jax_enable_compilation_cache", False)
@@ -181,23 +189,12 @@ def main(argv=None):
     )
     idx = jnp.asarray(rng.permutation(n)[: args.batch].astype(np.int32))
 
-    # Plain Flax step.
+    key = jax.random.key(1)
+    lam = jnp.float32(0.5)
     plain = plain_flax_step(model, tx, mean, std, dtype)
     # Copies: the plain step donates its inputs, and `variables` is used again below.
     p, bs = jax.tree_util.tree_map(jnp.copy, (variables["params"], variables["batch_stats"]))
-    os_ = tx.init(p)
-    key = jax.random.key(1)
-    plain_compile, plain = compile_time(
-        lambda: plain.lower(p, bs, os_, images, labels, idx, key), args.compile_repeats
-    )
-    state = [p, bs, os_]
-
-    def run_plain():
-        state[:3] = plain(*state, images, labels, idx, key)[:3]
-        return state[0]
-
-    run_plain()
-    plain_ms = 1e3 * time_steps(run_plain, args.steps)
+    plain_state = [p, bs, tx.init(p), jnp.zeros([], jnp.int32)]
 
     # DNQ step: differential weight noise + activation drop-in, one jitted step per call.
     settings = StepSettings(
@@ -224,32 +221,47 @@ def main(argv=None):
         rng=jax.random.key_data(jax.random.key(0, impl=args.prng_impl)),
         lam_scale=jnp.ones([], jnp.float32),
     )
-    lam = jnp.float32(0.5)
     # Copies: each timed step donates its state, and `st` is used again by --breakdown.
     fresh = lambda: jax.tree_util.tree_map(jnp.copy, st)
-    dnq_ms, dnq_compile, box = time_dnq_step(
-        step, fresh(), images, labels, idx, lam, args.steps, args.compile_repeats
+    dnq_args = (images, labels, idx, lam)
+    compiled = compile_times(
+        {
+            "plain": lambda: plain.lower(*plain_state, images, labels, idx, key),
+            "dnq": lambda: jit_dnq_step(step).lower(st, *dnq_args),
+        },
+        args.compile_repeats,
     )
+    plain_compile, plain = compiled["plain"]
+    dnq_compile, dnq_fn = compiled["dnq"]
+
+    def run_plain():
+        plain_state[:] = plain(*plain_state, images, labels, idx, key)[:4]
+        return plain_state[0]
+
+    run_plain()
+    plain_ms = 1e3 * time_steps(run_plain, args.steps)
+    dnq_ms, box = time_dnq_step(dnq_fn, fresh(), *dnq_args, args.steps)
     ratio = dnq_ms / plain_ms
     epoch_ms = dnq_ms * spe
     b = args.batch
-    print(f"{'step':<8}{'ms/step':>10}{'img/s':>10}{'compile s':>11}")
-    print(f"{'plain':<8}{plain_ms:>10.2f}{1e3 * b / plain_ms:>10.0f}{plain_compile:>11.2f}")
-    print(f"{'dnq':<8}{dnq_ms:>10.2f}{1e3 * b / dnq_ms:>10.0f}{dnq_compile:>11.2f}")
+    print(f"{'step':<9}{'ms/step':>10}{'img/s':>10}{'compile s':>11}")
+    row = lambda name, ms, comp: f"{name:<9}{ms:>10.2f}{1e3 * b / ms:>10.0f}{comp:>11.2f}"
+    print(row("plain", plain_ms, plain_compile))
+    print(row("dnq", dnq_ms, dnq_compile))
     if args.breakdown:
+        # The trainer's step with its noise off (what the warm-up runs: step keys, metrics,
+        # the finiteness check), then with each kind of noise alone.
         parts = {
-            "w-noise": dict(weight_noise="differential", act_noise=False),
-            "drop-in": dict(weight_noise="none", act_noise=True),
+            "no-noise": (settings, False),
+            "w-noise": (dataclasses.replace(settings, act_noise=False), True),
+            "drop-in": (dataclasses.replace(settings, weight_noise="none"), True),
         }
-        for name, kw in parts.items():
-            part = make_step(
-                model, graph, tx, dataclasses.replace(settings, **kw), mean, std, dtype
-            )
-            ms, comp, _ = time_dnq_step(part, fresh(), images, labels, idx, lam, args.steps, 1)
-            print(
-                f"{name:<8}{ms:>10.2f}{1e3 * b / ms:>10.0f}{comp:>11.2f}"
-                f"   (x{ms / plain_ms:.2f} of plain)"
-            )
+        for name, (kw, on) in parts.items():
+            jitted = jit_dnq_step(make_step(model, graph, tx, kw, mean, std, dtype), on)
+            lower = lambda f=jitted: f.lower(st, *dnq_args)
+            comp, fn = compile_times({name: lower}, 1)[name]
+            ms, _ = time_dnq_step(fn, fresh(), *dnq_args, args.steps)
+            print(f"{row(name, ms, comp)}   (x{ms / plain_ms:.2f} of plain)")
     print(f"compile ratio dnq/plain: {dnq_compile / plain_compile:.2f}")
     print(
         f"profiler: {prof_ms:.1f} ms per call (compile {prof_compile:.1f} s) = "

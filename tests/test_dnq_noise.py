@@ -100,7 +100,7 @@ def test_previous_sample_is_regenerated_bit_exactly(setup, impl):
     key, t = jax.random.key(3, impl=impl), 11
     # mu = 0: a compiler may contract mu + sigma * z into one fused multiply-add in one
     # program and not in another (a 1-ulp difference between two programs); sigma * z + 0
-    # rounds the same either way, so the comparison across programs below is exact.
+    # rounds the same either way, so the comparisons of naive samples below are exact.
     stats = real_stats.replace(w_mu=tuple(jnp.zeros_like(m) for m in real_stats.w_mu))
 
     def added(step, mode, stats=stats):
@@ -109,14 +109,14 @@ def test_previous_sample_is_regenerated_bit_exactly(setup, impl):
         return _kernels(noise.weight_noise(zeros, graph, stats, k_t, k_prev, 1.0, mode=mode), graph)
 
     d_prev, d_t = added(t - 1, "naive"), added(t, "naive")
-    diff = added(t, "differential")
-    for a, b, c in zip(diff, d_t, d_prev):
-        assert np.abs(c).max() > 0
-        np.testing.assert_array_equal(a, b - c)
-    # With the real, nonzero mu the same holds up to that rounding, and mu cancels.
-    r_prev, r_t = added(t - 1, "naive", real_stats), added(t, "naive", real_stats)
-    for a, b, c in zip(added(t, "differential", real_stats), r_t, r_prev):
-        np.testing.assert_allclose(a, b - c, rtol=0, atol=1e-6)
+    # differential adds sigma * (z_t - z_prev), equal to D(k_t) - D(k_prev) up to rounding
+    # (and mu cancels): compared to the naive samples of steps t and t - 1, real mu or not.
+    for st in (stats, real_stats):
+        n_prev, n_t = added(t - 1, "naive", st), added(t, "naive", st)
+        for a, b, c in zip(added(t, "differential", st), n_t, n_prev):
+            assert np.abs(c).max() > 0
+            np.testing.assert_allclose(a, b - c, rtol=0, atol=1e-6)
+    # The sample step t - 1 drew, regenerated at step t from its key alone: bit for bit.
     sample = noise.weight_sample(zeros, graph, stats, noise.step_keys(key, t - 1)[0], 1.0)
     for a, b in zip(_kernels(sample, graph), d_prev):
         np.testing.assert_array_equal(a, b)
