@@ -5,8 +5,8 @@
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]
 #
 # 1. benchmarks/train_speed.py for ResNet-20 at batch 128 fp32 and at batch 512 bf16, each
-#    with the scanned-epoch timing (--epoch), the second also with the weight-noise-only and
-#    drop-in-only steps (--breakdown);
+#    with the scanned-epoch timing (--epoch), the second also with the no-noise,
+#    weight-noise-only and drop-in-only steps (--breakdown);
 # 2. the noise, profiler, quantizer and trainer tests on the GPU backend (tests whose
 #    premise is CPU-only, such as 8 host devices, skip themselves).
 # The speed figures come first: they are what a short loan of a GPU is for.

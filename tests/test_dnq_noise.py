@@ -36,7 +36,12 @@ def setup():
     kernels = graph.kernel_layers()
     # Clearly nonzero, channel-dependent means, so a biased sample cannot pass for unbiased.
     w_mu = tuple(0.2 + 0.1 * jnp.arange(k.out_channels, dtype=jnp.float32) for k in kernels)
-    w_sigma = tuple(jnp.full((k.out_channels,), 0.5, jnp.float32) for k in kernels)
+    # Sigma differs per channel and per kernel, so a sigma applied to the wrong channel or
+    # kernel shows in the per-channel spreads the tests check.
+    w_sigma = tuple(
+        0.2 + 0.05 * jnp.arange(k.out_channels, dtype=jnp.float32)[::-1] + 0.1 * i
+        for i, k in enumerate(kernels)
+    )
     n = len(graph.layers)
     stats = NoiseStats(
         w_mu=w_mu,
@@ -100,7 +105,8 @@ def test_previous_sample_is_regenerated_bit_exactly(setup, impl):
     key, t = jax.random.key(3, impl=impl), 11
     # mu = 0: a compiler may contract mu + sigma * z into one fused multiply-add in one
     # program and not in another (a 1-ulp difference between two programs); sigma * z + 0
-    # rounds the same either way, so the comparisons of naive samples below are exact.
+    # rounds the same either way, so the naive sample compared with `weight_sample` at the
+    # end is exact.
     stats = real_stats.replace(w_mu=tuple(jnp.zeros_like(m) for m in real_stats.w_mu))
 
     def added(step, mode, stats=stats):
@@ -115,7 +121,14 @@ def test_previous_sample_is_regenerated_bit_exactly(setup, impl):
         n_prev, n_t = added(t - 1, "naive", st), added(t, "naive", st)
         for a, b, c in zip(added(t, "differential", st), n_t, n_prev):
             assert np.abs(c).max() > 0
-            np.testing.assert_allclose(a, b - c, rtol=0, atol=1e-6)
+            # sigma * (z_t - z_prev) against sigma * z_t - sigma * z_prev: a few ulps at most.
+            np.testing.assert_allclose(a, b - c, rtol=1e-6, atol=2e-6)
+    # The normals the differential step subtracts are the previous step's, bit for bit.
+    total = sum(int(np.prod(k.kernel_shape)) for k in graph.kernel_layers())
+    pair = noise._flat_normals(jnp.stack(noise.step_keys(key, t)), graph)
+    for row, step_t in ((0, t), (1, t - 1)):
+        alone = jax.random.normal(noise.step_keys(key, step_t)[0], (total,), jnp.float32)
+        np.testing.assert_array_equal(pair[row], alone)
     # The sample step t - 1 drew, regenerated at step t from its key alone: bit for bit.
     sample = noise.weight_sample(zeros, graph, stats, noise.step_keys(key, t - 1)[0], 1.0)
     for a, b in zip(_kernels(sample, graph), d_prev):
@@ -421,3 +434,8 @@ def test_bad_arguments_raise_value_errors(setup):
     short = stats.replace(w_mu=stats.w_mu[:1], w_sigma=stats.w_sigma[:1])
     with pytest.raises(ValueError, match="kernels"):
         noise.weight_noise(variables["params"], graph, short, k_t, k_prev, 1.0)
+    # A sigma that would broadcast (a scalar, one value) is still the wrong shape.
+    for bad in (jnp.float32(0.5), jnp.ones((1,), jnp.float32)):
+        odd = stats.replace(w_sigma=(bad,) + stats.w_sigma[1:])
+        with pytest.raises(ValueError, match=r"w_sigma\[0\]"):
+            noise.weight_noise(variables["params"], graph, odd, k_t, k_prev, 1.0)

@@ -56,11 +56,12 @@ def _kernel_stats(graph: taps.Graph, stats: NoiseStats) -> dict[tuple[str, ...],
             f"stats has {len(stats.w_mu)} weight entries but the graph has {len(kernels)} kernels"
         )
     for i, layer in enumerate(kernels):
-        if stats.w_mu[i].shape != (layer.out_channels,):
-            raise ValueError(
-                f"stats.w_mu[{i}] has shape {stats.w_mu[i].shape}, but kernel {layer.name!r} "
-                f"has {layer.out_channels} output channels"
-            )
+        for name, value in (("w_mu", stats.w_mu[i]), ("w_sigma", stats.w_sigma[i])):
+            if jnp.shape(value) != (layer.out_channels,):
+                raise ValueError(
+                    f"stats.{name}[{i}] has shape {jnp.shape(value)}, but kernel "
+                    f"{layer.name!r} has {layer.out_channels} output channels"
+                )
     return {layer.path: i for i, layer in enumerate(kernels)}
 
 
@@ -85,8 +86,10 @@ def _once(lam, fn: Callable[[], jax.Array], shape: tuple[int, ...]) -> jax.Array
     always materialized, so there the draw sits in one: compiled once, skipped when
     lam == 0, where the noise it feeds is zero anyway. GPU/TPU keep the fused form, which
     never writes the draw to memory. Both give the same perturbed values (to float
-    rounding); they differ only in d/d(lam) at lam == 0 and in how non-finite statistics
-    propagate when lam == 0, neither of which training uses.
+    rounding) for finite statistics; at lam == 0 they differ in d/d(lam), which training
+    does not use, and where `fn` itself turns non-finite statistics into NaN (the uniform
+    drop-in), the CPU form returns zeros instead. Statistics applied outside `fn` (the
+    weight noise's sigma and mu) reach the result on both backends alike.
     """
     if jax.default_backend() != "cpu":
         return fn()
@@ -172,8 +175,8 @@ def weight_noise(
 
     def normals() -> jax.Array:
         z = _flat_normals(keys, graph)
-        # z(k_prev) here is bit for bit the draw the previous step made from its k_t, so
-        # the two steps' perturbations telescope.
+        # z(k_prev) is the very draw the previous step made from its k_t (the same threefry
+        # values), so the two steps' perturbations telescope up to float rounding.
         return z[0] - z[1] if differential else z[0]
 
     # D(k_t) - D(k_prev) = sigma * (z(k_t) - z(k_prev)): the mean cancels, so the flat
@@ -187,7 +190,8 @@ def weight_noise(
     def perturb(layer: taps.Layer, w: jax.Array) -> jax.Array:
         i = index[layer.path]
         z = pieces[i]
-        d = stats.w_sigma[i] * z if differential else _scaled(z, stats.w_mu[i], stats.w_sigma[i])
+        sigma = jnp.asarray(stats.w_sigma[i], jnp.float32)
+        d = sigma * z if differential else _scaled(z, stats.w_mu[i], sigma)
         return w + (lam * d).astype(w.dtype)
 
     return taps.map_kernels(params, graph.kernel_layers(), perturb)
