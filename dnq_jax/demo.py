@@ -30,7 +30,8 @@ METHODS = ("sgd", "dnq")
 def demo_config(method: str, epochs: int = 10):
     """The demo's budget: resnet8, batch 128, `epochs` epochs of 60 steps on Fashion-MNIST.
 
-    Noise from the first third, a ramp over the next third, SWA over the last three epochs.
+    Clean for the first third of the epochs, then noise with lambda ramped over the next third,
+    SWA over the last three epochs.
     """
     c = cfg.base_config()
     c.model = "resnet8"
