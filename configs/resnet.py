@@ -12,12 +12,12 @@ e.g. model=resnet18, dataset=cifar100, method=sgd|swa|wqn|aqn|dnq|naive|accumula
 the last 100 epochs, SGD Nesterov 0.9, lr 0.015 cosine, wd 1e-3, batch 64, label smoothing
 0.1, noise modelled at W2A4 on n_calib=100 images.
 
-Expected time (ResNet-20, CIFAR-10, batch 64, 400 epochs; estimated from the measured step
-times in benchmarks/RESULTS.md): about 15-20 minutes on one H100/H200 (~2 s per scanned
-epoch of 781 steps with DNQ on); on 2 CPU cores about a day and a half (0.32 s per clean step,
-0.39 s per noisy step: `benchmarks/train_speed.py --batch 64`), so use `fast` or
-`smoke` there. `smoke` (synthetic data, resnet8, 4 epochs of 4 steps) takes about 30 s on
-2 CPU cores.
+Expected time (ResNet-20, CIFAR-10, batch 64, 400 epochs): on one H100/H200 about 15-20
+minutes, an estimate not yet timed (a plain scanned epoch of 781 steps takes 1.69 s on an
+H200, and the DNQ step measured 1.17-1.20x the plain one there, so ~2 s per epoch); on 2 CPU
+cores about a day and a half (measured: 0.32 s per clean step, 0.39 s per noisy step,
+`benchmarks/train_speed.py --batch 64`), so use `fast` or `smoke` there. `smoke` (synthetic
+data, resnet8, 4 epochs of 4 steps) takes about 30 s on 2 CPU cores.
 """
 
 from dnq_jax import config as cfg

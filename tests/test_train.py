@@ -32,6 +32,10 @@ def _epoch_losses(workdir):
     return np.array([r["train_loss"] for r in metrics.read(workdir) if "train_loss" in r])
 
 
+def _flat(tree):
+    return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))])
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     wd = tmp_path_factory.mktemp("smoke")
@@ -91,13 +95,8 @@ def test_eight_devices_match_one_device(tmp_path):
     np.testing.assert_allclose(runs[8]["losses"], runs[1]["losses"], rtol=1e-4)
     # Final (SWA) params: close in global norm; single elements drift further apart where a
     # ReLU or a rounding boundary flipped on one side only.
-    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(t)])
-    a, b = flat(runs[8]["params"]), flat(runs[1]["params"])
+    a, b = _flat(runs[8]["params"]), _flat(runs[1]["params"])
     assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(b)
-
-
-def _flat(tree):
-    return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))])
 
 
 def test_each_sharded_step_matches_the_one_device_step(tmp_path):

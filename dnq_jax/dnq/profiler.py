@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from dnq_jax import quant, taps
 from dnq_jax.ptq.calibration import (
+    ACTIVATION_CALIBRATORS,
     WEIGHT_CALIBRATORS,
     assign_bits,
     check_calibrator,
@@ -76,11 +77,6 @@ def init_stats(graph: taps.Graph) -> NoiseStats:
     )
 
 
-def _check_calibrator(method: str, name: str) -> None:
-    if method not in quant.CALIBRATION_METHODS:
-        raise ValueError(f"{name} must be one of {quant.CALIBRATION_METHODS}, got {method!r}")
-
-
 def _weight_error_stats(kernel: jax.Array, bits: int, method: str) -> tuple[jax.Array, jax.Array]:
     # The evaluation's weight quantizer itself (per output channel, asymmetric).
     w = kernel.astype(jnp.float32)
@@ -112,7 +108,7 @@ def make_profiler(
     """
     bits = layer_bits(graph, w_bits, a_bits, keep_ends_8bit)
     check_calibrator(w_calibrator, WEIGHT_CALIBRATORS, "w_calibrator")
-    _check_calibrator(a_calibrator, "a_calibrator")
+    check_calibrator(a_calibrator, ACTIVATION_CALIBRATORS, "a_calibrator")
     apply_kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
     kernels = graph.kernel_layers()
 
