@@ -191,7 +191,7 @@ def test_quantized_forward_matches_numpy():
         return jnp.asarray(rng.normal(size=s.shape) * (1.0 if leaf == "kernel" else 0.3), s.dtype)
 
     variables = jax.tree_util.tree_map_with_path(draw, shapes)
-    qm = ptq.quantize(model, variables, calib, w_bits=3, a_bits=4, batch_size=5)
+    qm = ptq.quantize(model, variables, calib, w_bits=3, a_bits=4, calib_batch_size=5)
 
     p, st = jax.tree_util.tree_map(np.asarray, (variables["params"], variables["batch_stats"]))
 
@@ -333,7 +333,15 @@ class NoLayers(nn.Module):
         (dict(calib_images=np.zeros((0, 16, 16, 3), np.float32)), "calib_images"),
         (dict(calib_images=np.zeros((2, 16, 16, 5), np.float32)), "calib_images"),
         (dict(model=NoLayers()), "model"),
-        (dict(batch_size=0), "batch_size"),
+        (dict(calib_batch_size=0), "calib_batch_size"),
+        (dict(method="gptq"), "method"),
+        (dict(iters=10), "iters"),
+        (dict(method="qdrop", iters=0), "iters"),
+        (dict(method="adaround", iters=2.5), "iters"),
+        (dict(method="brecq", batch_size=0), "batch_size"),
+        (dict(method="qdrop", drop_prob=1.5), "drop_prob"),
+        (dict(method="brecq", blocks=["no_such_block"]), "blocks"),
+        (dict(method="brecq", recon_options={"lrate": 1.0}), "lrate"),
     ],
 )
 def test_bad_arguments_are_named(trained, kwargs, match):

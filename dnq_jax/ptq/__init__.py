@@ -1,9 +1,12 @@
-"""Post-training quantization: BN folding, calibration and round-to-nearest (RTN).
+"""Post-training quantization: BN folding, calibration, RTN, AdaRound, BRECQ and QDrop.
 
 qm = dnq_jax.ptq.quantize(model, variables, calib_images, w_bits=4, a_bits=4)
+qm = dnq_jax.ptq.quantize(model, variables, calib_images, w_bits=2, a_bits=4, method="qdrop")
 acc = dnq_jax.ptq.accuracy(qm, images, labels)
 """
 
+from dnq_jax.ptq.block_problem import Settings
+from dnq_jax.ptq.blocks import Block, find_blocks
 from dnq_jax.ptq.calibration import (
     activation_ranges,
     assign_bits,
@@ -11,9 +14,16 @@ from dnq_jax.ptq.calibration import (
     quantize_weights,
 )
 from dnq_jax.ptq.fold import apply_folded, fold_batchnorm, foldable_pairs, folded
-from dnq_jax.ptq.rtn import QuantizedModel, accuracy, fp32, quantize
+from dnq_jax.ptq.methods import METHODS, quantize
+from dnq_jax.ptq.rtn import Calibrated, QuantizedModel, accuracy, calibrate_model, fp32
 
 __all__ = [
+    "METHODS",
+    "Block",
+    "Calibrated",
+    "Settings",
+    "calibrate_model",
+    "find_blocks",
     "QuantizedModel",
     "accuracy",
     "activation_ranges",

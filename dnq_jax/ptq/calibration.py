@@ -75,6 +75,18 @@ def assign_bits(
     return out
 
 
+def kernel_range(
+    kernel: jax.Array, bits: int, method: str = "minmax", **calib_kw: Any
+) -> tuple[jax.Array, jax.Array]:
+    """Per-output-channel range ``(lo, hi)`` of a kernel (keepdims shapes), widened to 0.
+
+    The range behind `quantize_kernel`; reconstruction methods learn the rounding on the grid
+    of exactly this range.
+    """
+    check_calibrator(method, WEIGHT_CALIBRATORS, "w_calibrator")
+    return quant.calibrate(kernel, bits, method=method, channel_axis=-1, **calib_kw)
+
+
 def quantize_kernel(
     kernel: jax.Array, bits: int, method: str = "minmax", **calib_kw: Any
 ) -> jax.Array:
@@ -84,9 +96,18 @@ def quantize_kernel(
     widened to contain 0 (`quant.include_zero`). Use this wherever the evaluation's weight
     quantizer must be reproduced (e.g. to profile weight quantization error).
     """
-    check_calibrator(method, WEIGHT_CALIBRATORS, "w_calibrator")
-    lo, hi = quant.calibrate(kernel, bits, method=method, channel_axis=-1, **calib_kw)
+    lo, hi = kernel_range(kernel, bits, method, **calib_kw)
     return quant.fake_quant_asymmetric(kernel, lo, hi, bits)
+
+
+def kernel_bits(graph: taps.Graph, w_bits: Mapping[str, int]) -> dict[tuple[str, ...], int]:
+    """``{kernel path: bits}``: a kernel shared by several sites gets the highest width any of
+    its sites asks for (one kernel has one grid)."""
+    out: dict[tuple[str, ...], int] = {}
+    for layer in graph.layers:
+        bits = w_bits[layer.name]
+        out[layer.path] = max(bits, out.get(layer.path, bits))
+    return out
 
 
 def quantize_weights(
@@ -98,15 +119,12 @@ def quantize_weights(
 ) -> PyTree:
     """Params with every Conv/Dense kernel fake-quantized, asymmetric per output channel.
 
-    `w_bits` maps site names to bit-widths. A kernel shared by several sites is quantized
-    once, at the highest width any of its sites asks for. `calib_kw` goes to
-    `quant.calibrate` (e.g. ``num_candidates``). Biases are left in float, as is usual.
+    `w_bits` maps site names to bit-widths; a shared kernel is quantized once, at the width
+    `kernel_bits` gives it. `calib_kw` goes to `quant.calibrate` (e.g. ``num_candidates``).
+    Biases are left in float, as is usual.
     """
     check_calibrator(method, WEIGHT_CALIBRATORS, "w_calibrator")
-    bits_of_kernel: dict[tuple[str, ...], int] = {}
-    for layer in graph.layers:
-        bits = w_bits[layer.name]
-        bits_of_kernel[layer.path] = max(bits, bits_of_kernel.get(layer.path, bits))
+    bits_of_kernel = kernel_bits(graph, w_bits)
 
     def fn(layer: taps.Layer, kernel: jax.Array) -> jax.Array:
         return quantize_kernel(kernel, bits_of_kernel[layer.path], method, **calib_kw)

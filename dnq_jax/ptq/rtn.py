@@ -1,11 +1,12 @@
-"""Round-to-nearest (RTN) post-training quantization of any Flax model, and accuracy.
+"""The quantized model, the calibration every PTQ method starts from, RTN, and accuracy.
 
-`quantize` folds BatchNorm, assigns bit-widths, calibrates per-tensor activation ranges on
-the folded full-precision model, and fake-quantizes every Conv/Dense kernel once; the
-returned `QuantizedModel` is a jitted logits function whose forward pass only has to
-fake-quantize layer inputs with the stored ranges.
+`calibrate_model` folds BatchNorm, assigns bit-widths and calibrates per-tensor activation
+ranges on the folded full-precision model; `round_to_nearest` then fake-quantizes every
+Conv/Dense kernel once. The returned `QuantizedModel` is a jitted logits function whose
+forward pass only has to fake-quantize layer inputs with the stored ranges. The public entry
+point is `dnq_jax.ptq.quantize` (methods.py), which also offers the reconstruction methods.
 
-    qm = quantize(model, variables, calib_images, w_bits=4, a_bits=4)
+    qm = ptq.quantize(model, variables, calib_images, w_bits=4, a_bits=4)
     print(accuracy(fp32(model, variables), images, labels), accuracy(qm, images, labels))
 """
 
@@ -65,6 +66,8 @@ class QuantizedModel:
       bits_per_layer: ``{site: (weight bits, input bits or None)}`` actually used.
       bn_pairs: the (conv site, BatchNorm path) pairs folded.
       apply_kwargs: extra keyword arguments of every ``model.apply`` (eval mode).
+      report: how it was made: ``method``, and for the reconstruction methods their
+        settings, wall time and each block's loss before and after (JSON-ready).
     """
 
     model: nn.Module
@@ -76,6 +79,7 @@ class QuantizedModel:
     bits_per_layer: dict[str, tuple[int, int | None]]
     bn_pairs: tuple[fold.Pair, ...] = ()
     apply_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    report: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         forward = lambda variables, ranges, images: self.apply(variables, images, ranges)
@@ -109,7 +113,55 @@ def _check_images(images: Any, name: str) -> None:
         raise ValueError(f"{name} is empty (shape {tuple(shape)})")
 
 
-def quantize(
+@dataclasses.dataclass(frozen=True, eq=False)
+class Calibrated:
+    """What every PTQ method starts from: the folded float model, its bit assignment, its
+    activation ranges and how weight ranges are found.
+
+    Attributes:
+      model, graph, bn_pairs, apply_kwargs: as in `QuantizedModel`.
+      variables: the BN-folded float variables (``'folded_bias'`` holds folded biases).
+      bits_per_layer: ``{site: (weight bits, input bits or None)}``.
+      act_ranges: ``{site: (lo, hi)}`` of each quantized layer input.
+      w_bits, a_bits: the requested widths.
+      w_calibrator, calib_options: how each kernel's per-channel range is chosen.
+    """
+
+    model: nn.Module
+    graph: taps.Graph
+    variables: PyTree
+    bn_pairs: tuple[fold.Pair, ...]
+    bits_per_layer: dict[str, tuple[int, int | None]]
+    act_ranges: calibration.Ranges
+    w_bits: int
+    a_bits: int | None
+    w_calibrator: str
+    calib_options: Mapping[str, Any]
+    apply_kwargs: Mapping[str, Any]
+
+    def kernel_bits(self) -> dict[tuple[str, ...], int]:
+        """``{kernel path: bits}`` (see `calibration.kernel_bits`)."""
+        return calibration.kernel_bits(
+            self.graph, {name: w for name, (w, _) in self.bits_per_layer.items()}
+        )
+
+    def quantized(self, params: PyTree, act_ranges: calibration.Ranges, **report) -> QuantizedModel:
+        """The `QuantizedModel` with these (already fake-quantized) params and ranges."""
+        return QuantizedModel(
+            model=self.model,
+            variables={**self.variables, "params": params},
+            graph=self.graph,
+            act_ranges=act_ranges,
+            w_bits=self.w_bits,
+            a_bits=self.a_bits,
+            bits_per_layer=self.bits_per_layer,
+            bn_pairs=self.bn_pairs,
+            apply_kwargs=self.apply_kwargs,
+            report=report,
+        )
+
+
+def calibrate_model(
     model: nn.Module,
     variables: PyTree,
     calib_images: jax.Array,
@@ -122,41 +174,11 @@ def quantize(
     fold_bn: bool = True,
     quantize_activations: bool = True,
     apply_kwargs: Mapping[str, Any] | None = None,
-    batch_size: int = 128,
+    calib_batch_size: int = 128,
     calib_options: Mapping[str, Any] | None = None,
-) -> QuantizedModel:
-    """Round-to-nearest PTQ of any Flax Linen model with Conv/Dense layers.
-
-    BatchNorm is folded into the conv feeding it; each Conv/Dense kernel is fake-quantized
-    asymmetric per output channel (range by `w_calibrator`); each Conv/Dense input gets an
-    asymmetric per-tensor range (by `a_calibrator`) measured on `calib_images` through the
-    folded full-precision model in eval mode, the same inputs the DNQ profiler measures.
-
-    Args:
-      model: a Flax Linen model; ``model.apply(variables, images, **apply_kwargs)`` must run
-        it in eval mode (BatchNorm on running averages).
-      variables: its trained variables.
-      calib_images: calibration images (e.g. 100 or 1024 training images), normalised as
-        the model takes them.
-      w_bits: weight bit-width, 2..16.
-      a_bits: activation bit-width, 2..16, or None for weight-only quantization.
-      keep_ends_8bit: keep the first and last layer (weights and input) at 8 bits.
-      w_calibrator: ``'minmax'`` or ``'mse'``.
-      a_calibrator: ``'minmax'``, ``'percentile'`` or ``'mse'``.
-      fold_bn: fold BatchNorm into convs before quantizing (the paper's protocol).
-      quantize_activations: False for weight-only quantization.
-      apply_kwargs: extra keyword arguments of ``model.apply``, e.g. ``{'train': False}``.
-      batch_size: calibration images per forward pass.
-      calib_options: options of `dnq_jax.quant.calibrate` (``percentile``, ``p``,
-        ``num_candidates``) for both weights and activations.
-
-    Returns:
-      A `QuantizedModel`: call it on images for logits.
-
-    Raises:
-      ValueError: naming the argument, for bits outside 2..16, an unknown calibrator, an
-        empty `calib_images`, images the model cannot take, or a model without Conv/Dense.
-    """
+) -> Calibrated:
+    """Checks the arguments, folds BatchNorm, assigns bits and calibrates activation ranges
+    on the folded float model (the arguments are those of `dnq_jax.ptq.quantize`)."""
     w_bits = quant.check_bits(w_bits, "w_bits")
     if not quantize_activations:
         a_bits = None
@@ -165,7 +187,7 @@ def quantize(
     calibration.check_calibrator(w_calibrator, calibration.WEIGHT_CALIBRATORS, "w_calibrator")
     calibration.check_calibrator(a_calibrator, calibration.ACTIVATION_CALIBRATORS, "a_calibrator")
     _check_images(calib_images, "calib_images")
-    calibration.check_positive_int(batch_size, "batch_size")
+    calibration.check_positive_int(calib_batch_size, "calib_batch_size")
     if apply_kwargs is not None and not isinstance(apply_kwargs, Mapping):
         raise ValueError(f"apply_kwargs must be a mapping or None, got {type(apply_kwargs)}")
     if calib_options is not None and not isinstance(calib_options, Mapping):
@@ -173,7 +195,7 @@ def quantize(
     apply_kwargs = dict(apply_kwargs or {})
     calib_options = dict(calib_options or {})
 
-    probe = calib_images[: min(batch_size, calib_images.shape[0])]
+    probe = calib_images[: min(calib_batch_size, calib_images.shape[0])]
     try:
         graph = taps.trace(model, variables, probe, **apply_kwargs)
     except ValueError as e:
@@ -198,27 +220,34 @@ def quantize(
             graph,
             {name: a for name, (_, a) in bits.items()},
             method=a_calibrator,
-            batch_size=batch_size,
+            batch_size=calib_batch_size,
             **calib_options,
         )
-    params = calibration.quantize_weights(
-        folded_vars["params"],
-        graph,
-        {name: w for name, (w, _) in bits.items()},
-        method=w_calibrator,
-        **calib_options,
-    )
-    return QuantizedModel(
+    return Calibrated(
         model=model,
-        variables={**folded_vars, "params": params},
         graph=graph,
+        variables=folded_vars,
+        bn_pairs=pairs,
+        bits_per_layer=bits,
         act_ranges=ranges,
         w_bits=w_bits,
         a_bits=a_bits,
-        bits_per_layer=bits,
-        bn_pairs=pairs,
+        w_calibrator=w_calibrator,
+        calib_options=calib_options,
         apply_kwargs=apply_kwargs,
     )
+
+
+def round_to_nearest(cal: Calibrated) -> QuantizedModel:
+    """RTN: every kernel rounded to nearest on its per-channel grid."""
+    params = calibration.quantize_weights(
+        cal.variables["params"],
+        cal.graph,
+        {name: w for name, (w, _) in cal.bits_per_layer.items()},
+        method=cal.w_calibrator,
+        **cal.calib_options,
+    )
+    return cal.quantized(params, cal.act_ranges, method="rtn")
 
 
 def fp32(
