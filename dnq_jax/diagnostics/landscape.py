@@ -44,6 +44,11 @@ def filter_normalized_direction(
     Returns:
       A pytree like `params`.
     """
+    return _filter_normalized(params, key, bool(ignore_1d))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _filter_normalized(params: PyTree, key: jax.Array, ignore_1d: bool) -> PyTree:
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
     return jax.tree.unflatten(
@@ -51,7 +56,6 @@ def filter_normalized_direction(
     )
 
 
-@functools.partial(jax.jit, static_argnums=2)
 def _normalized_leaf(w: jax.Array, key: jax.Array, ignore_1d: bool) -> jax.Array:
     if w.ndim <= 1:
         return jnp.zeros_like(w) if ignore_1d else w

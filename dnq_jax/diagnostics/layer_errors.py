@@ -296,9 +296,14 @@ def _decomposition_fn(setup: ErrorSetup):
                 "y": y,
                 "activation": y_a - y,
                 "weight": y_w - y,
-                "cross": y_wa - y_a - y_w + y,
+                # Grouped as the change of the activation error's effect with the kernel, so
+                # the two first-order parts cancel before the small remainder is formed.
+                "cross": (y_wa - y_w) - (y_a - y),
                 "total": y_wa - y,
             }
+            if name not in setup.qmodel.act_ranges:
+                # x_hat = x: both terms are exactly zero, not rounding noise.
+                terms["activation"] = terms["cross"] = jnp.zeros_like(y)
             sums[name] = {k: jnp.sum(_per_image_sq(t) * mask) for k, t in terms.items()}
             return out
 
