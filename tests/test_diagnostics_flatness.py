@@ -171,3 +171,14 @@ def test_landscapes_at_the_origin_equal_the_loss(tiny, tmp_path):
     ]
     for f in files:
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_power_iteration_loops_agree_on_a_chunked_loss(tiny):
+    model, variables, images, labels = tiny
+    params = variables["params"]
+    loss_fn = dg.make_loss_fn(model, variables, images, labels, batch_size=4)
+    key = jax.random.key(10)
+    python = dg.top_hessian_eigenvalue(loss_fn, params, key, iters=3)
+    fori = dg.top_hessian_eigenvalue(loss_fn, params, key, iters=3, loop="fori")
+    np.testing.assert_allclose(fori.history, python.history, rtol=1e-4)
+    assert np.all(np.isfinite(python.history)) and python.history[-1] != 0.0
