@@ -142,6 +142,8 @@ def test_chunked_loss_equals_the_full_batch_loss(tiny):
     whole = dg.make_loss_fn(model, variables, images, labels)
     chunked = dg.make_loss_fn(model, variables, images, labels, batch_size=4)
     assert len(chunked.chunks) == 3
+    # Equal models share one term function, hence every compiled program built on it.
+    assert dg.make_loss_fn(TinyCNN(), variables, images[:4], labels[:4]).fn is whole.fn
     assert float(whole(params)) == pytest.approx(want, rel=1e-5)
     assert float(chunked(params)) == pytest.approx(want, rel=1e-5)
     # The Hessian of the sum of chunk terms is that of the whole batch.

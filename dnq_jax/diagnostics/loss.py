@@ -68,6 +68,26 @@ def as_chunked(loss_fn: Callable[[PyTree], jax.Array] | ChunkedLoss) -> ChunkedL
     return ChunkedLoss(fn=loss_fn, chunks=((),))
 
 
+def _make_term(model: nn.Module, apply_kwargs: Mapping[str, Any], label_smoothing: float):
+    def term(params, state, x, y, w):
+        logits = model.apply({**state, "params": params}, x, **apply_kwargs)
+        logits = logits.astype(jnp.float32)
+        onehot = jax.nn.one_hot(y, logits.shape[-1])
+        if label_smoothing:
+            onehot = optax.smooth_labels(onehot, label_smoothing)
+        return jnp.sum(optax.softmax_cross_entropy(logits, onehot) * w)
+
+    return term
+
+
+# The measures jit the term with the function itself as a static argument, so equal models
+# (Linen modules compare by their fields) must get the very same function to share compiled
+# programs: a grid of checkpoints of one architecture compiles each product once.
+@functools.lru_cache(maxsize=32)
+def _cached_term(model: nn.Module, apply_items: tuple, label_smoothing: float):
+    return _make_term(model, dict(apply_items), label_smoothing)
+
+
 def make_loss_fn(
     model: nn.Module,
     variables: PyTree,
@@ -113,13 +133,10 @@ def make_loss_fn(
     apply_kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
     state = {k: v for k, v in variables.items() if k != "params"}
 
-    def term(params, state, x, y, w):
-        logits = model.apply({**state, "params": params}, x, **apply_kwargs)
-        logits = logits.astype(jnp.float32)
-        onehot = jax.nn.one_hot(y, logits.shape[-1])
-        if label_smoothing:
-            onehot = optax.smooth_labels(onehot, label_smoothing)
-        return jnp.sum(optax.softmax_cross_entropy(logits, onehot) * w)
+    try:
+        term = _cached_term(model, tuple(sorted(apply_kwargs.items())), float(label_smoothing))
+    except TypeError:  # an unhashable model or option: no sharing, same function
+        term = _make_term(model, apply_kwargs, float(label_smoothing))
 
     chunks = []
     for start in range(0, n, batch_size):
