@@ -80,6 +80,9 @@ def _rademacher_tree(params: PyTree, key: jax.Array) -> PyTree:
     return jax.tree.unflatten(treedef, out)
 
 
+_jit_vdot = jax.jit(tree_vdot)
+
+
 @jax.jit
 def _unit(v: PyTree) -> PyTree:
     norm = jnp.sqrt(tree_vdot(v, v))
@@ -173,11 +176,7 @@ def _tree_sum(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(jnp.add, a, b)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _quadratic_form(fn, params: PyTree, key: jax.Array, *data: Any) -> jax.Array:
-    # The probe is drawn from its key inside the program, so every chunk sees the same one.
-    v = _rademacher_tree(params, key)
-    return tree_vdot(v, _hvp_term(fn, params, v, data))
+_rademacher_jit = jax.jit(_rademacher_tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,8 +217,9 @@ def hessian_trace(
     values = []
     for i in range(samples):
         k = jax.random.fold_in(key, i)
-        parts = [_quadratic_form(loss.fn, params, k, *chunk) for chunk in loss.chunks]
-        values.append(float(sum(float(p) for p in parts)))
+        # The same product program as the power iteration: one compile serves both.
+        v = _rademacher_jit(params, k)
+        values.append(float(_jit_vdot(v, hvp(loss, params, v))))
     values = np.asarray(values, np.float64)
     stderr = float(values.std(ddof=1) / np.sqrt(samples))
     return TraceResult(float(values.mean()), stderr, values)

@@ -68,12 +68,11 @@ def _normalized_leaf(w: jax.Array, key: jax.Array, ignore_1d: bool) -> jax.Array
     return (d * (w_norm / jnp.maximum(d_norm, 1e-10))).astype(w.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _loss_at(fn, params: PyTree, directions: tuple, coeffs: jax.Array, *data: Any) -> jax.Array:
-    moved = params
+@jax.jit
+def _move(params: PyTree, directions: tuple, coeffs: jax.Array) -> PyTree:
     for i, d in enumerate(directions):
-        moved = jax.tree.map(lambda p, u, c=coeffs[i]: p + (c * u).astype(p.dtype), moved, d)
-    return fn(moved, *data)
+        params = jax.tree.map(lambda p, u, c=coeffs[i]: p + (c * u).astype(p.dtype), params, d)
+    return params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +94,10 @@ class Landscape:
 
 
 def _evaluate(loss_fn: LossFn, params: PyTree, directions: tuple, coeffs: np.ndarray) -> float:
-    loss = as_chunked(loss_fn)
-    c = jnp.asarray(coeffs, jnp.float32)
-    return float(sum(float(_loss_at(loss.fn, params, directions, c, *ch)) for ch in loss.chunks))
+    # Moving params is its own small program, so the loss itself is the one compiled for
+    # `loss_fn(params)` (shared with any other use of the same loss).
+    moved = _move(params, directions, jnp.asarray(coeffs, jnp.float32))
+    return float(as_chunked(loss_fn)(moved))
 
 
 def _coefficients(values: Sequence[float], name: str) -> np.ndarray:
