@@ -23,6 +23,7 @@ from dnq_jax.diagnostics.hessian import (
     TraceResult,
     hessian_trace,
     hvp,
+    random_tree,
     top_hessian_eigenvalue,
     tree_vdot,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "make_loss_fn",
     "output_error_decomposition",
     "plots",
+    "random_tree",
     "top_hessian_eigenvalue",
     "tree_vdot",
     "weight_error_stats",

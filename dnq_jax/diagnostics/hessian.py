@@ -66,17 +66,30 @@ def _tree_add(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(jnp.add, a, b)
 
 
-def _normal_tree(params: PyTree, key: jax.Array) -> PyTree:
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    out = [jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype) for k, x in zip(keys, leaves)]
-    return jax.tree.unflatten(treedef, out)
+def random_tree(params: PyTree, key: jax.Array, kind: str = "normal") -> PyTree:
+    """A random pytree like `params` (float32 values cast to each leaf's dtype).
+
+    ``kind='normal'`` draws N(0, 1) entries, ``'rademacher'`` draws +-1. All entries come
+    from one draw of the total size, split among the leaves: on XLA:CPU a random-number
+    program per leaf (dozens per model) costs seconds of compilation each, one costs one.
+    """
+    if kind not in ("normal", "rademacher"):
+        raise ValueError(f"kind must be 'normal' or 'rademacher', got {kind!r}")
+    return _random_tree(params, key, kind)
 
 
-def _rademacher_tree(params: PyTree, key: jax.Array) -> PyTree:
+@functools.partial(jax.jit, static_argnums=2)
+def _random_tree(params: PyTree, key: jax.Array, kind: str) -> PyTree:
     leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    out = [jax.random.rademacher(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    total = sum(x.size for x in leaves)
+    if kind == "normal":
+        flat = jax.random.normal(key, (total,), jnp.float32)
+    else:
+        flat = jax.random.rademacher(key, (total,), jnp.float32)
+    out, start = [], 0
+    for x in leaves:
+        out.append(flat[start : start + x.size].reshape(x.shape).astype(x.dtype))
+        start += x.size
     return jax.tree.unflatten(treedef, out)
 
 
@@ -144,7 +157,7 @@ def top_hessian_eigenvalue(
     if loop not in ("python", "fori"):
         raise ValueError(f"loop must be 'python' or 'fori', got {loop!r}")
     loss = as_chunked(loss_fn)
-    v = _unit(_normal_tree(params, key))
+    v = _unit(random_tree(params, key))
     if loop == "fori":
         lam, v, history = _power_fori(loss.fn, iters, params, v, loss.chunks)
         history = np.asarray(history, np.float64)
@@ -174,9 +187,6 @@ def _power_fori(fn, iters: int, params: PyTree, v: PyTree, chunks: tuple):
 
 def _tree_sum(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(jnp.add, a, b)
-
-
-_rademacher_jit = jax.jit(_rademacher_tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +228,7 @@ def hessian_trace(
     for i in range(samples):
         k = jax.random.fold_in(key, i)
         # The same product program as the power iteration: one compile serves both.
-        v = _rademacher_jit(params, k)
+        v = random_tree(params, k, "rademacher")
         values.append(float(_jit_vdot(v, hvp(loss, params, v))))
     values = np.asarray(values, np.float64)
     stderr = float(values.std(ddof=1) / np.sqrt(samples))

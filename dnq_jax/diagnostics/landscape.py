@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dnq_jax.diagnostics.hessian import LossFn
+from dnq_jax.diagnostics.hessian import LossFn, random_tree
 from dnq_jax.diagnostics.loss import as_chunked
 
 PyTree = Any
@@ -38,7 +38,7 @@ def filter_normalized_direction(
 
     Args:
       params: the params pytree (kernels with output channels last).
-      key: PRNG key; each leaf gets its own subkey.
+      key: PRNG key of the Gaussian draw.
       ignore_1d: zero direction for leaves of rank <= 1 (default); else d = w there.
 
     Returns:
@@ -49,18 +49,14 @@ def filter_normalized_direction(
 
 @functools.partial(jax.jit, static_argnums=2)
 def _filter_normalized(params: PyTree, key: jax.Array, ignore_1d: bool) -> PyTree:
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        treedef, [_normalized_leaf(w, k, ignore_1d) for w, k in zip(leaves, keys)]
-    )
+    draw = random_tree(jax.tree.map(lambda w: w.astype(jnp.float32), params), key)
+    return jax.tree.map(lambda w, d: _normalized_leaf(w, d, ignore_1d), params, draw)
 
 
-def _normalized_leaf(w: jax.Array, key: jax.Array, ignore_1d: bool) -> jax.Array:
+def _normalized_leaf(w: jax.Array, d: jax.Array, ignore_1d: bool) -> jax.Array:
     if w.ndim <= 1:
         return jnp.zeros_like(w) if ignore_1d else w
     wf = w.astype(jnp.float32)
-    d = jax.random.normal(key, w.shape, jnp.float32)
     axes = tuple(range(w.ndim - 1))
     w_norm = jnp.sqrt(jnp.sum(wf * wf, axis=axes, keepdims=True))
     d_norm = jnp.sqrt(jnp.sum(d * d, axis=axes, keepdims=True))
