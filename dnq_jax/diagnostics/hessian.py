@@ -176,17 +176,13 @@ def top_hessian_eigenvalue(
 def _power_fori(fn, iters: int, params: PyTree, v: PyTree, chunks: tuple):
     def body(i, carry):
         v, _, history = carry
-        hv = functools.reduce(_tree_sum, [_hvp_term(fn, params, v, c) for c in chunks])
+        hv = functools.reduce(_tree_add, [_hvp_term(fn, params, v, c) for c in chunks])
         lam, v = _power_update(v, hv)
         return v, lam, history.at[i].set(lam)
 
     init = (v, jnp.float32(0.0), jnp.zeros((iters,), jnp.float32))
     v, lam, history = jax.lax.fori_loop(0, iters, body, init)
     return lam, v, history
-
-
-def _tree_sum(a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree.map(jnp.add, a, b)
 
 
 @dataclasses.dataclass(frozen=True)
