@@ -1,10 +1,19 @@
-"""PNG plots: accuracy against bit-width per model, and training curves from metrics.jsonl."""
+"""PNG plots (matplotlib, Agg: files only): accuracy against bit-width per model, training
+curves from metrics.jsonl, and the diagnostics: error histograms with their fitted Gaussian,
+the per-layer output-error decomposition, loss landscapes and power-iteration convergence."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # plotting needs no jax: the results are read through their attributes
+    from dnq_jax.diagnostics.error_stats import ErrorStats
+    from dnq_jax.diagnostics.landscape import Landscape
 
 
 def _pyplot():
@@ -68,6 +77,139 @@ def training_curves(
     axes[0].legend()
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def error_histograms(
+    stats: Mapping[str, ErrorStats],
+    path: str | os.PathLike,
+    layers: Sequence[str] | None = None,
+    title: str = "",
+    cols: int = 4,
+) -> Path:
+    """One panel per layer: the error histogram as a density, with N(mean, std^2) overlaid.
+
+    `stats` maps layer names to `ErrorStats` (e.g. from `weight_error_stats`); `layers`
+    selects and orders the panels (default all). Each panel's legend gives the KS distance
+    and the excess kurtosis.
+    """
+    plt = _pyplot()
+    names = list(stats) if layers is None else list(layers)
+    if not names:
+        raise ValueError("stats: no layers to plot")
+    cols = max(1, min(cols, len(names)))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        s = stats[name]
+        edges = np.asarray(s.edges, np.float64)
+        ax.stairs(np.asarray(s.density(), np.float64), edges, fill=True, alpha=0.5)
+        mean, std = float(s.mean), max(float(s.std), 1e-30)
+        t = np.linspace(edges[0], edges[-1], 200)
+        pdf = np.exp(-0.5 * ((t - mean) / std) ** 2) / (std * np.sqrt(2 * np.pi))
+        label = f"KS {float(s.ks):.3f}\nkurt {float(s.kurtosis):+.2f}"
+        ax.plot(t, pdf, color="C3", lw=1.2, label=label)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7, loc="upper right")
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def error_decomposition(
+    decomposition: Mapping[str, Mapping[str, float]],
+    path: str | os.PathLike,
+    title: str = "",
+    log: bool = True,
+) -> Path:
+    """Grouped bars per layer: activation, weight and cross terms of the output error,
+    relative to ||y||^2 (from `output_error_decomposition`), on a log axis by default."""
+    plt = _pyplot()
+    names = list(decomposition)
+    if not names:
+        raise ValueError("decomposition: no layers to plot")
+    terms = ("activation", "weight", "cross")
+    x = np.arange(len(names))
+    width = 0.8 / len(terms)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4))
+    for i, term in enumerate(terms):
+        ys = [decomposition[n][term] for n in names]
+        ax.bar(x + (i - 1) * width, ys, width, label=term)
+    ax.set_xticks(x, names, rotation=75, ha="right", fontsize=7)
+    ax.set_ylabel("E||term||^2 / E||y||^2")
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(title or "Output error of each quantized layer")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def landscape_1d(
+    landscapes: Mapping[str, Landscape], path: str | os.PathLike, title: str = ""
+) -> Path:
+    """One line per model: loss against alpha along its filter-normalised direction."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, land in landscapes.items():
+        ax.plot(land.alphas, land.losses, marker=".", label=name)
+    ax.set_xlabel("alpha (filter-normalised direction)")
+    ax.set_ylabel("loss")
+    ax.set_title(title or "1-D loss landscape")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def landscape_2d(
+    landscape: Landscape, path: str | os.PathLike, title: str = "", levels: int = 20
+) -> Path:
+    """Contour plot of a 2-D landscape (alpha on x, beta on y), params at the origin."""
+    if landscape.betas is None:
+        raise ValueError("landscape: a 2-D landscape is needed (betas is None)")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    a, b = np.meshgrid(landscape.alphas, landscape.betas, indexing="ij")
+    cs = ax.contour(a, b, landscape.losses, levels=levels, cmap="viridis")
+    ax.clabel(cs, fontsize=6)
+    ax.plot([0], [0], marker="*", color="C3")
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("beta")
+    ax.set_title(title or "2-D loss landscape")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def eigenvalue_convergence(
+    histories: Mapping[str, Sequence[float]], path: str | os.PathLike, title: str = ""
+) -> Path:
+    """Power-iteration estimate of the top Hessian eigenvalue against iteration, per model."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, hist in histories.items():
+        ax.plot(np.arange(1, len(hist) + 1), hist, marker=".", label=name)
+    ax.set_xlabel("power iteration")
+    ax.set_ylabel("top Hessian eigenvalue estimate")
+    ax.set_title(title or "Power iteration")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
