@@ -146,7 +146,11 @@ def activation_ranges(
 
     Args:
       apply_fn: ``apply_fn(variables, images)`` runs the model whose layer inputs are
-        measured (normally the BN-folded model in eval mode); its output is ignored.
+        measured (normally the BN-folded model in eval mode); its output is ignored. For a
+        graph with sites inside lifted transforms (`taps.Graph.lifted`) it is called as
+        ``apply_fn(variables, images, mutable=['params'])`` and must pass `mutable` on to
+        ``model.apply`` and return what that returns: the captured values come back in
+        the params (`taps.collect`). `variables` arrive `taps.prepare`d.
       variables: the variables `apply_fn` takes.
       images: calibration images, batch first, as the model takes them.
       graph: the model's `taps.trace` graph.
@@ -167,8 +171,9 @@ def activation_ranges(
     sites = [layer.name for layer in graph.layers if a_bits.get(layer.name) is not None]
     if not sites:
         return {}
+    variables = taps.prepare(variables, graph)
     if method == "minmax":
-        return _minmax_ranges(apply_fn, variables, images, sites, batch_size)
+        return _minmax_ranges(apply_fn, variables, images, graph, sites, batch_size)
     layers = {layer.name: layer for layer in graph.layers}
     groups: list[list[str]] = [[]]
     used = 0
@@ -181,24 +186,32 @@ def activation_ranges(
         used += size
     ranges: Ranges = {}
     for group in groups:
-        captured = _capture(apply_fn, variables, images, group, batch_size)
+        captured = _capture(apply_fn, variables, images, graph, group, batch_size)
         for site in group:
             lo, hi = quant.calibrate(captured.pop(site), a_bits[site], method=method, **calib_kw)
             ranges[site] = (lo.reshape(()), hi.reshape(()))
     return ranges
 
 
-def _minmax_ranges(apply_fn, variables, images, sites, batch_size) -> Ranges:
+def _captured(apply_fn, variables, x, graph, sites, reduce) -> dict:
+    """``{site: reduce(site, input)}`` over one forward pass, lifted sites included."""
+    store: dict = {}
+    with taps.capture_inputs(store, only=sites, reduce=reduce):
+        if not graph.lifted:
+            apply_fn(variables, x)
+            return store
+        _, state = apply_fn(variables, x, mutable=[taps.COLLECTION])
+    return taps.collect(store, state, graph, only=sites)
+
+
+def _minmax_ranges(apply_fn, variables, images, graph, sites, batch_size) -> Ranges:
     def reduce(name: str, x: jax.Array):
         x = x.astype(jnp.float32)
         return jnp.min(x), jnp.max(x)
 
     @jax.jit
     def stats(variables, x):
-        store: dict = {}
-        with taps.capture_inputs(store, only=sites, reduce=reduce):
-            apply_fn(variables, x)
-        return store
+        return _captured(apply_fn, variables, x, graph, sites, reduce)
 
     ranges: Ranges = {}
     for idx in _batches(images.shape[0], batch_size, pad=True):
@@ -211,17 +224,14 @@ def _minmax_ranges(apply_fn, variables, images, sites, batch_size) -> Ranges:
     return {site: quant.include_zero(lo, hi) for site, (lo, hi) in ranges.items()}
 
 
-def _capture(apply_fn, variables, images, sites, batch_size) -> dict[str, jax.Array]:
+def _capture(apply_fn, variables, images, graph, sites, batch_size) -> dict[str, jax.Array]:
     """Every value entering each site over all images, flattened (per-tensor ranges do not
     care about the layout)."""
 
     @jax.jit
     def grab(variables, x):
-        store: dict = {}
         reduce = lambda name, v: v.astype(jnp.float32).reshape(-1)
-        with taps.capture_inputs(store, only=sites, reduce=reduce):
-            apply_fn(variables, x)
-        return store
+        return _captured(apply_fn, variables, x, graph, sites, reduce)
 
     parts: dict[str, list[jax.Array]] = {site: [] for site in sites}
     for idx in _batches(images.shape[0], batch_size, pad=False):
