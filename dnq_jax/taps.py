@@ -13,8 +13,8 @@ Layers are named by their module path (`'stage1_block0/conv1'`). A module called
 once in one forward pass (weight sharing) is one kernel but several call sites: the second
 call of `'a/b'` is the site `'a/b#1'`, and so on.
 
-Lifted transforms. Layers inside `nn.remat`/`nn.checkpoint`, `nn.jit`, `nn.scan` and
-`nn.vmap` are reached too. A scanned or vmapped module with its params stacked on axis 0
+Lifted transforms. Layers inside `nn.remat`/`nn.checkpoint`, `nn.scan` and `nn.vmap` are
+reached too. A scanned or vmapped module with its params stacked on axis 0
 (``variable_axes={'params': 0}``) is unrolled into one layer per iteration (or member):
 ``'ScanMLP_0/Dense_0[2]'`` is the third iteration's Dense, `Layer.stack` is the stacked
 kernel's leading shape and `Layer.stack_index` the slice, so `get_kernel` and `map_kernels`
@@ -23,7 +23,8 @@ JAX trace, so nothing made there may be kept in Python: per-site functions pick 
 iteration's branch from an index that travels in the params (`prepare`), and captured values
 leave through the params collection (`collect`). Other transforms (``nn.cond``,
 ``nn.while_loop``, ``nn.map_variables``, ...) and params shared by every iteration of a scan
-are refused by `trace` with a `LiftedTransformError` naming the module and the transform.
+are refused by `trace` with a `LiftedTransformError` naming the module and the transform;
+so is `nn.jit`, which reuses one traced body for equal modules, so a tap would not run.
 
 Example::
 

@@ -3,7 +3,7 @@
 Two helpers of `dnq_jax.taps`, kept apart because they deal with JAX/Flax machinery rather
 than with layers:
 
-- Lifted transforms (`nn.remat`, `nn.jit`, `nn.scan`, `nn.vmap`) run a module's body in an
+- Lifted transforms (`nn.remat`, `nn.scan`, `nn.vmap`) run a module's body in an
   inner JAX trace. A Flax scope records them in its debug path (``'scan(ScanMLP_0)'``), which
   is how a tap knows where it runs. Values made in that trace must leave it as the
   transform's outputs; Flax lifts variable collections (params among them) with the body, so
@@ -26,9 +26,15 @@ import numpy as np
 
 PyTree = Any
 
-# Transforms a tap can see through. remat/jit/fold_rngs keep the variables as they are; scan
-# and vmap slice the collections named in `variable_axes` (params stacked on axis 0).
-SUPPORTED = frozenset({"remat", "jit", "fold_rngs", "scan", "vmap"})
+# Transforms a tap can see through. remat/fold_rngs keep the variables as they are; scan and
+# vmap slice the collections named in `variable_axes` (params stacked on axis 0).
+SUPPORTED = frozenset({"remat", "fold_rngs", "scan", "vmap"})
+# Why the others are refused, where there is more to say than "not supported".
+_WHY = {
+    "jit": "nn.jit reuses a traced body across calls and across modules of equal "
+    "configuration, so a tap around the second call never runs; drop nn.jit (inside "
+    "an outer jax.jit it adds nothing)",
+}
 STACKING = frozenset({"scan", "vmap"})
 
 _WRAPPED = re.compile(r"^(\w+)\((.*)\)$")
@@ -67,7 +73,8 @@ def check_supported(module: nn.Module, kinds: tuple[str, ...], what: str) -> Non
         name = "/".join(str(p) for p in module.path)
         raise LiftedTransformError(
             f"model: the {what} {name!r} runs inside the Flax transform nn.{bad[0]}, which "
-            f"the taps cannot reach (supported: {', '.join(sorted(SUPPORTED))})"
+            f"the taps cannot reach: "
+            + _WHY.get(bad[0], f"supported are nn.{', nn.'.join(sorted(SUPPORTED))}")
         )
 
 

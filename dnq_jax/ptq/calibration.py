@@ -103,13 +103,13 @@ def quantize_weights(
     `quant.calibrate` (e.g. ``num_candidates``). Biases are left in float, as is usual.
     """
     check_calibrator(method, WEIGHT_CALIBRATORS, "w_calibrator")
-    bits_of_kernel: dict[tuple[str, ...], int] = {}
+    bits_of_kernel: dict[tuple, int] = {}
     for layer in graph.layers:
         bits = w_bits[layer.name]
-        bits_of_kernel[layer.path] = max(bits, bits_of_kernel.get(layer.path, bits))
+        bits_of_kernel[layer.kernel_key] = max(bits, bits_of_kernel.get(layer.kernel_key, bits))
 
     def fn(layer: taps.Layer, kernel: jax.Array) -> jax.Array:
-        return quantize_kernel(kernel, bits_of_kernel[layer.path], method, **calib_kw)
+        return quantize_kernel(kernel, bits_of_kernel[layer.kernel_key], method, **calib_kw)
 
     return taps.map_kernels(params, graph.layers, fn)
 
