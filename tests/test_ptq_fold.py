@@ -167,3 +167,96 @@ def test_folded_batchnorm_keeps_its_output_dtype():
     out = fold.apply_folded(model, folded, pairs, x)
     assert ref.dtype == out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.float32(out), np.float32(ref), rtol=2e-2, atol=2e-2)
+
+
+# Folding is exact only where the BatchNorm is the one reader of the layer's raw output.
+# Each model below is checked the way a user sees it: the 16-bit weight-only quantized model
+# (BN folded wherever `trace` allows) must equal the float model, with BatchNorm statistics
+# far from the identity so a wrong fold cannot hide.
+
+
+class PreActivation(nn.Module):
+    """A pre-activation residual block: the residual add reads the conv output un-normalised."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(4, (3, 3))(x)
+        y = nn.Conv(4, (3, 3))(nn.relu(nn.BatchNorm(use_running_average=True)(x)))
+        x = x + y
+        y = nn.Conv(4, (3, 3))(nn.relu(nn.BatchNorm(use_running_average=True)(x)))
+        return nn.Dense(5)((x + y).mean((1, 2)))
+
+
+class UsedTwice(nn.Module):
+    """The conv output feeds a BatchNorm and, separately, a second branch."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Conv(4, (3, 3), use_bias=False)(x)
+        a = nn.relu(nn.BatchNorm(use_running_average=True)(h))
+        b = nn.Conv(4, (1, 1))(h)
+        return nn.Dense(5)((a * b).mean((1, 2)))
+
+
+class DenseBN(nn.Module):
+    """A BatchNorm right after a Dense (foldable), then one after a Dense read twice (not)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1)
+        h = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Dense(6)(x)))
+        g = nn.Dense(6)(h)
+        h = nn.BatchNorm(use_running_average=True)(g) + g
+        return nn.Dense(5)(h)
+
+
+class BiasedConvBN(nn.Module):
+    """conv (with bias) -> BN -> relu, the plain post-activation case: folds."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(4, (3, 3))(x)))
+        return nn.Dense(5)(x.mean((1, 2)))
+
+
+def far_from_identity(variables, seed: int = 0):
+    """`randomize`d variables whose BatchNorms scale by about 3 and shift by 0.5."""
+    rng = np.random.default_rng(seed)
+
+    def bn(path, leaf):
+        keys = [getattr(p, "key", "") for p in path]
+        if not any("BatchNorm" in k for k in keys):
+            return leaf
+        if keys[-1] == "scale":
+            return jnp.asarray(3.0 + 0.3 * rng.normal(size=leaf.shape), leaf.dtype)
+        if keys[-1] == "bias":
+            return jnp.asarray(0.5 + 0.1 * rng.normal(size=leaf.shape), leaf.dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(bn, randomize(variables, seed))
+
+
+def relative_error(out, ref) -> float:
+    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+EXACT_FOLD_CASES = {
+    # model, the (site, BatchNorm) pairs that may be folded
+    "pre_activation": (PreActivation(), ()),
+    "conv_used_twice": (UsedTwice(), ()),
+    "bn_after_dense": (DenseBN(), (("Dense_0", ("BatchNorm_0",)),)),
+    "conv_with_bias": (BiasedConvBN(), (("Conv_0", ("BatchNorm_0",)),)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXACT_FOLD_CASES))
+def test_16bit_weight_only_model_equals_float_model(case):
+    from dnq_jax import ptq
+
+    model, want_pairs = EXACT_FOLD_CASES[case]
+    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
+    variables = far_from_identity(jax.eval_shape(model.init, jax.random.key(1), x))
+    qm = ptq.quantize(model, variables, x, w_bits=16, a_bits=None)
+    assert qm.bn_pairs == want_pairs
+    ref = model.apply(variables, x)
+    assert relative_error(qm(x), ref) < 1e-4

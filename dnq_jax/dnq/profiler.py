@@ -34,8 +34,9 @@ class NoiseStats:
     """Error statistics of every layer; a pytree, so it is jitted, checkpointed and sharded.
 
     Attributes:
-      w_mu, w_sigma: one (C_out,) float32 array per kernel, in graph.kernel_layers() order:
-        per-output-channel mean and standard deviation of Q_w(W) - W.
+      w_mu, w_sigma: one (C_out,) float32 array per kernel, in graph.kernel_layers() order
+        (each iteration of a scanned stack is its own kernel, its slice of the stacked
+        one): per-output-channel mean and standard deviation of Q_w(W) - W.
       a_mu, a_sigma: (num_sites,) float32 over graph.layers (call sites): mean and standard
         deviation of Q_a(x) - x on each site's input.
       count: int32 scalar, the number of measurements folded in so far (0 = none yet).
@@ -134,7 +135,18 @@ def make_profiler(
         ]
         store: dict[str, tuple[jax.Array, jax.Array]] = {}
         with taps.capture_inputs(store, reduce=activation_error):
-            model.apply(variables, calib_images, **apply_kwargs)
+            if graph.lifted:
+                # Sites inside lifted transforms hand their values back through the params.
+                _, state = model.apply(
+                    taps.prepare(variables, graph),
+                    calib_images,
+                    mutable=[taps.COLLECTION],
+                    **apply_kwargs,
+                )
+            else:
+                model.apply(variables, calib_images, **apply_kwargs)
+        if graph.lifted:
+            taps.collect(store, state, graph)
         missing = [n for n in graph.names if n not in store]
         if missing:
             raise ValueError(

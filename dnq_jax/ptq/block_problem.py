@@ -100,8 +100,10 @@ class Settings:
             raise ValueError(f"beta must be two positive numbers (start, end), got {self.beta!r}")
 
 
-def _key(path: tuple[str, ...]) -> str:
-    return "/".join(path)
+def kernel_name(layer: taps.Layer) -> str:
+    """A layer's kernel as a string key: its path, with ``[i]`` for a slice of a stack."""
+    name = "/".join(layer.path)
+    return name + "".join(f"[{i}]" for i in layer.stack_index)
 
 
 def rec_error(out: PyTree, target: PyTree, weight: PyTree | None) -> jax.Array:
@@ -128,8 +130,11 @@ class BlockProblem:
         graph = cal.graph
         self.layers = tuple(graph[name] for name in block.sites)
         kbits = cal.kernel_bits()
-        self.kernel_paths = tuple(dict.fromkeys(layer.path for layer in self.layers))
-        self.bits = {_key(p): kbits[p] for p in self.kernel_paths}
+        # One entry per kernel (a kernel shared by several sites of the block is learned once).
+        first = {}
+        for layer in self.layers:
+            first.setdefault(kernel_name(layer), layer)
+        self.bits = {k: kbits[layer.kernel_key] for k, layer in first.items()}
         self.act_sites = tuple(n for n in block.sites if cal.bits_per_layer[n][1] is not None)
         self.a_bits = {n: cal.bits_per_layer[n][1] for n in self.act_sites}
         model_vars, biases = fold.split_folded(cal.variables)
@@ -144,17 +149,13 @@ class BlockProblem:
         )
         float_params = cal.variables["params"]
         self.kernels, self.scales, self.zeros = {}, {}, {}
-        for path in self.kernel_paths:
-            k = _key(path)
-            w = taps.get_kernel(float_params, graph[self._first_site(path)])
+        for k, layer in first.items():
+            w = taps.get_kernel(float_params, layer)
             lo, hi = calibration.kernel_range(
                 w, self.bits[k], cal.w_calibrator, **cal.calib_options
             )
             self.kernels[k] = w
             self.scales[k], self.zeros[k] = rounding.grid_of_range(lo, hi, self.bits[k])
-
-    def _first_site(self, path: tuple[str, ...]) -> str:
-        return next(layer.name for layer in self.layers if layer.path == path)
 
     def init_trainable(self, ranges: calibration.Ranges) -> tuple[dict, dict]:
         """(rounding variables, activation grid) at round-to-nearest and the given ranges."""
@@ -166,7 +167,7 @@ class BlockProblem:
         return v, act
 
     def hard_kernels(self, v: dict) -> dict:
-        """``{kernel path: kernel}`` with the hard rounding decisions of `v` (on the grid)."""
+        """``{kernel name: kernel}`` with the hard rounding decisions of `v` (on the grid)."""
         return {
             k: rounding.rounded_kernel(
                 self.kernels[k], self.scales[k], self.zeros[k], self.bits[k], v[k], True
@@ -187,7 +188,7 @@ class BlockProblem:
             for k in self.kernels
         }
         params = taps.map_kernels(
-            self.variables["params"], self.layers, lambda layer, w: kernels[_key(layer.path)]
+            self.variables["params"], self.layers, lambda layer, w: kernels[kernel_name(layer)]
         )
         variables = {**self.variables, "params": params}
         index = {n: i for i, n in enumerate(self.act_sites)}

@@ -100,13 +100,14 @@ def quantize_kernel(
     return quant.fake_quant_asymmetric(kernel, lo, hi, bits)
 
 
-def kernel_bits(graph: taps.Graph, w_bits: Mapping[str, int]) -> dict[tuple[str, ...], int]:
-    """``{kernel path: bits}``: a kernel shared by several sites gets the highest width any of
-    its sites asks for (one kernel has one grid)."""
-    out: dict[tuple[str, ...], int] = {}
+def kernel_bits(graph: taps.Graph, w_bits: Mapping[str, int]) -> dict[tuple, int]:
+    """``{layer.kernel_key: bits}``: a kernel shared by several sites gets the highest width
+    any of its sites asks for (one kernel has one grid); each slice of a stacked kernel is
+    its own kernel."""
+    out: dict[tuple, int] = {}
     for layer in graph.layers:
         bits = w_bits[layer.name]
-        out[layer.path] = max(bits, out.get(layer.path, bits))
+        out[layer.kernel_key] = max(bits, out.get(layer.kernel_key, bits))
     return out
 
 
@@ -127,7 +128,7 @@ def quantize_weights(
     bits_of_kernel = kernel_bits(graph, w_bits)
 
     def fn(layer: taps.Layer, kernel: jax.Array) -> jax.Array:
-        return quantize_kernel(kernel, bits_of_kernel[layer.path], method, **calib_kw)
+        return quantize_kernel(kernel, bits_of_kernel[layer.kernel_key], method, **calib_kw)
 
     return taps.map_kernels(params, graph.layers, fn)
 
@@ -164,7 +165,11 @@ def activation_ranges(
 
     Args:
       apply_fn: ``apply_fn(variables, images)`` runs the model whose layer inputs are
-        measured (normally the BN-folded model in eval mode); its output is ignored.
+        measured (normally the BN-folded model in eval mode); its output is ignored. For a
+        graph with sites inside lifted transforms (`taps.Graph.lifted`) it is called as
+        ``apply_fn(variables, images, mutable=['params'])`` and must pass `mutable` on to
+        ``model.apply`` and return what that returns: the captured values come back in
+        the params (`taps.collect`). `variables` arrive `taps.prepare`d.
       variables: the variables `apply_fn` takes.
       images: calibration images, batch first, as the model takes them.
       graph: the model's `taps.trace` graph.
@@ -185,8 +190,9 @@ def activation_ranges(
     sites = [layer.name for layer in graph.layers if a_bits.get(layer.name) is not None]
     if not sites:
         return {}
+    variables = taps.prepare(variables, graph)
     if method == "minmax":
-        return _minmax_ranges(apply_fn, variables, images, sites, batch_size)
+        return _minmax_ranges(apply_fn, variables, images, graph, sites, batch_size)
     layers = {layer.name: layer for layer in graph.layers}
     groups: list[list[str]] = [[]]
     used = 0
@@ -199,24 +205,32 @@ def activation_ranges(
         used += size
     ranges: Ranges = {}
     for group in groups:
-        captured = _capture(apply_fn, variables, images, group, batch_size)
+        captured = _capture(apply_fn, variables, images, graph, group, batch_size)
         for site in group:
             lo, hi = quant.calibrate(captured.pop(site), a_bits[site], method=method, **calib_kw)
             ranges[site] = (lo.reshape(()), hi.reshape(()))
     return ranges
 
 
-def _minmax_ranges(apply_fn, variables, images, sites, batch_size) -> Ranges:
+def _captured(apply_fn, variables, x, graph, sites, reduce) -> dict:
+    """``{site: reduce(site, input)}`` over one forward pass, lifted sites included."""
+    store: dict = {}
+    with taps.capture_inputs(store, only=sites, reduce=reduce):
+        if not graph.lifted:
+            apply_fn(variables, x)
+            return store
+        _, state = apply_fn(variables, x, mutable=[taps.COLLECTION])
+    return taps.collect(store, state, graph, only=sites)
+
+
+def _minmax_ranges(apply_fn, variables, images, graph, sites, batch_size) -> Ranges:
     def reduce(name: str, x: jax.Array):
         x = x.astype(jnp.float32)
         return jnp.min(x), jnp.max(x)
 
     @jax.jit
     def stats(variables, x):
-        store: dict = {}
-        with taps.capture_inputs(store, only=sites, reduce=reduce):
-            apply_fn(variables, x)
-        return store
+        return _captured(apply_fn, variables, x, graph, sites, reduce)
 
     ranges: Ranges = {}
     for idx in _batches(images.shape[0], batch_size, pad=True):
@@ -229,17 +243,14 @@ def _minmax_ranges(apply_fn, variables, images, sites, batch_size) -> Ranges:
     return {site: quant.include_zero(lo, hi) for site, (lo, hi) in ranges.items()}
 
 
-def _capture(apply_fn, variables, images, sites, batch_size) -> dict[str, jax.Array]:
+def _capture(apply_fn, variables, images, graph, sites, batch_size) -> dict[str, jax.Array]:
     """Every value entering each site over all images, flattened (per-tensor ranges do not
     care about the layout)."""
 
     @jax.jit
     def grab(variables, x):
-        store: dict = {}
         reduce = lambda name, v: v.astype(jnp.float32).reshape(-1)
-        with taps.capture_inputs(store, only=sites, reduce=reduce):
-            apply_fn(variables, x)
-        return store
+        return _captured(apply_fn, variables, x, graph, sites, reduce)
 
     parts: dict[str, list[jax.Array]] = {site: [] for site in sites}
     for idx in _batches(images.shape[0], batch_size, pad=False):

@@ -1,24 +1,27 @@
-"""Fold each BatchNorm into the conv that feeds it, for inference-time (eval-mode) models.
+"""Fold each BatchNorm into the conv (or dense) layer feeding it, for eval-mode models.
 
-Conv -> BatchNorm pairs come from `taps.trace(...).bn_pairs`, i.e. from the traced data flow,
-so any Linen model is handled without knowing its parameter names. For a pair, with
+Layer -> BatchNorm pairs come from `taps.trace(...).bn_pairs`, i.e. from the traced data
+flow, so any Linen model is handled without knowing its parameter names. For a pair, with
 ``s = gamma / sqrt(var + eps)`` per output channel:
 
     kernel' = kernel * s        bias' = beta + (conv_bias - mean) * s
 
 A Flax conv may have no bias parameter, and the model code cannot be changed, so the folded
-biases live beside the params in a ``'folded_bias'`` collection keyed by conv site name (the
+biases live beside the params in a ``'folded_bias'`` collection keyed by site name (the
 conv's own bias, if any, is set to zero since it is part of bias'). The folded model is run
-through taps: each folded conv adds its folded bias to its output and each folded BatchNorm
+through taps: each folded layer adds its folded bias to its output and each folded BatchNorm
 becomes the identity. Use :func:`apply_folded`, or the :func:`folded` context around your own
 ``model.apply``.
 
 The folded model equals the original in eval mode only (running statistics); it must not be
-trained. Not folded (left as they are, still correct): a BatchNorm that normalises an axis
-other than the conv's output channels, a BatchNorm called more than once, and a conv whose
-kernel is shared by several call sites (one kernel cannot absorb two scales). A conv whose raw
-output is used elsewhere besides its BatchNorm would be changed for that other use as well;
-the zoo and ordinary conv -> BN -> activation nets never do that.
+trained. Folding is exact only where the BatchNorm is the one reader of the layer's raw
+output, so a pair is only formed there (`taps.trace` checks every use in the jaxpr): in a
+pre-activation block, ``x = conv(x); y = conv(relu(bn(x))); x + y``, the residual add also
+reads the raw ``x`` and that BatchNorm stays a float op. Not folded either (left as they are,
+still correct): a BatchNorm that normalises an axis other than the layer's output channels,
+a BatchNorm called more than once, and a layer whose kernel is shared by several call sites
+(one kernel cannot absorb two scales). Inside a scanned stack each iteration's layer is
+folded with that iteration's slice of the BatchNorm's (equally stacked) statistics.
 """
 
 from __future__ import annotations
@@ -44,7 +47,6 @@ FOLDED_BIAS = "folded_bias"
 
 @dataclasses.dataclass(frozen=True)
 class _BNInfo:
-    calls: int
     epsilon: float
     use_scale: bool
     use_bias: bool
@@ -54,16 +56,15 @@ class _BNInfo:
 def _batchnorm_info(
     model: nn.Module, variables: PyTree, args: tuple, apply_kwargs: dict
 ) -> dict[tuple[str, ...], _BNInfo]:
-    """Attributes and call count of every BatchNorm, from one shape-only trace."""
+    """Attributes of every BatchNorm, from one shape-only trace (call counts come from the
+    graph, which counts a scan body traced twice once)."""
     info: dict[tuple[str, ...], _BNInfo] = {}
 
     def record(module, call, a, kw):
         x = a[0] if a else kw["x"]
         axes = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
         path = tuple(module.path)
-        prev = info.get(path)
         info[path] = _BNInfo(
-            calls=1 if prev is None else prev.calls + 1,
             epsilon=float(module.epsilon),
             use_scale=bool(module.use_scale),
             use_bias=bool(module.use_bias),
@@ -98,15 +99,23 @@ def _plan(
     if graph is None:
         graph = taps.trace(model, variables, *args, **apply_kwargs)
     info = _batchnorm_info(model, variables, args, apply_kwargs)
-    sites_per_kernel: dict[tuple[str, ...], int] = {}
+    calls = dict(graph.bn_calls)
+    sites_per_kernel: dict[tuple, int] = {}
     for layer in graph.layers:
-        sites_per_kernel[layer.path] = sites_per_kernel.get(layer.path, 0) + 1
+        sites_per_kernel[layer.kernel_key] = sites_per_kernel.get(layer.kernel_key, 0) + 1
+    stats = variables.get("batch_stats", {})
     plan = []
     for site, bn_path in graph.bn_pairs:
         bn = info.get(bn_path)
-        if bn is None or bn.calls != 1 or not bn.folds_last_axis:
+        layer = graph[site]
+        if bn is None or calls.get(bn_path, 0) != 1 or not bn.folds_last_axis:
             continue
-        if sites_per_kernel[graph[site].path] != 1:
+        if sites_per_kernel[layer.kernel_key] != 1:
+            continue
+        mean = _get(stats, bn_path + ("mean",))
+        if mean is not None and tuple(jnp.shape(mean)) != layer.stack + (layer.out_channels,):
+            # A stacked layer folds only with statistics stacked the same way (one slice per
+            # iteration); anything else would mix iterations.
             continue
         plan.append((site, bn_path, bn))
     return graph, plan
@@ -126,6 +135,12 @@ def foldable_pairs(
     """
     _, plan = _plan(model, variables, args, apply_kwargs, graph)
     return tuple((site, bn_path) for site, bn_path, _ in plan)
+
+
+def _f32(value: Any, idx: tuple[int, ...]) -> jax.Array:
+    """`value` in float32, sliced to one iteration of a stack (idx non-empty)."""
+    value = jnp.asarray(value, jnp.float32)
+    return value[idx] if idx else value
 
 
 def fold_batchnorm(
@@ -157,33 +172,29 @@ def fold_batchnorm(
     params = variables["params"]
     stats = variables.get("batch_stats", {})
     flat = dict(traverse_util.flatten_dict(params))
-    scales: dict[tuple[str, ...], jax.Array] = {}
     biases: dict[str, jax.Array] = {}
     for site, bn_path, bn in plan:
-        path = graph[site].path
+        layer = graph[site]
+        path, idx = layer.path, layer.stack_index
         bn_stats = _get(stats, bn_path)
         if bn_stats is None:
             raise ValueError(f"variables: no 'batch_stats' for the BatchNorm {'/'.join(bn_path)}")
         # Fold in float32 whatever the storage dtype: rsqrt and the products lose too much
         # in half precision, and the folded values are cast back to the kernel's dtype.
-        mean = jnp.asarray(bn_stats["mean"], jnp.float32)
-        var = jnp.asarray(bn_stats["var"], jnp.float32)
-        gamma = jnp.float32(1.0)
-        beta = jnp.float32(0.0)
-        if bn.use_scale:
-            gamma = jnp.asarray(_get(params, bn_path + ("scale",)), jnp.float32)
-        if bn.use_bias:
-            beta = jnp.asarray(_get(params, bn_path + ("bias",)), jnp.float32)
+        mean, var = _f32(bn_stats["mean"], idx), _f32(bn_stats["var"], idx)
+        gamma = _f32(_get(params, bn_path + ("scale",)), idx) if bn.use_scale else 1.0
+        beta = _f32(_get(params, bn_path + ("bias",)), idx) if bn.use_bias else 0.0
         scale = gamma * jax.lax.rsqrt(var + bn.epsilon)
         conv_bias = jnp.float32(0.0)
         if path + ("bias",) in flat:
-            conv_bias = jnp.asarray(flat[path + ("bias",)], jnp.float32)
-            flat[path + ("bias",)] = jnp.zeros_like(flat[path + ("bias",)])
-        scales[path] = scale
+            stored = flat[path + ("bias",)]
+            conv_bias = _f32(stored, idx)
+            flat[path + ("bias",)] = stored.at[idx].set(0) if idx else jnp.zeros_like(stored)
         biases[site] = beta + (conv_bias - mean) * scale
-    for path, scale in scales.items():
-        kernel = flat[path + ("kernel",)]
-        flat[path + ("kernel",)] = (jnp.asarray(kernel, jnp.float32) * scale).astype(kernel.dtype)
+        stored = flat[path + ("kernel",)]
+        kernel = _f32(stored, idx)
+        new = (kernel * scale).astype(stored.dtype)
+        flat[path + ("kernel",)] = stored.at[idx].set(new) if idx else new
     folded = dict(variables)
     folded["params"] = traverse_util.unflatten_dict(flat)
     folded[FOLDED_BIAS] = biases
@@ -217,14 +228,13 @@ def folded(folded_bias: Mapping[str, jax.Array], pairs: Iterable[Pair]) -> Itera
     """
     bn_paths = frozenset(bn_path for _, bn_path in pairs)
 
-    def add_bias(name: str, x: jax.Array, call) -> jax.Array:
-        y = call(x)
+    def add_bias(name: str, y: jax.Array) -> jax.Array:
         # Added in at least float32; the bypassed BatchNorm then casts to its own out dtype.
         bias = folded_bias[name]
         return y.astype(jnp.promote_types(y.dtype, bias.dtype)) + bias
 
     is_folded_bn = lambda m: isinstance(m, nn.BatchNorm) and tuple(m.path) in bn_paths
-    with taps.intercept_layers(add_bias, only=folded_bias.keys()):
+    with taps.map_outputs(add_bias, only=folded_bias.keys()):
         with taps.intercept_modules(_bypass, is_folded_bn):
             yield
 
@@ -234,9 +244,16 @@ def apply_folded(
     variables: PyTree,
     pairs: Iterable[Pair],
     *args: Any,
+    graph: taps.Graph | None = None,
     **apply_kwargs: Any,
 ) -> Any:
-    """``model.apply`` of the folded model: `variables` and `pairs` from :func:`fold_batchnorm`."""
+    """``model.apply`` of the folded model: `variables` and `pairs` from :func:`fold_batchnorm`.
+
+    Pass `graph` (the model's `taps.trace` graph) for a model with scanned/vmapped stacks,
+    or apply it to `taps.prepare`d variables: their folded biases are picked per iteration.
+    """
     model_vars, biases = split_folded(variables)
+    if graph is not None:
+        model_vars = taps.prepare(model_vars, graph)
     with folded(biases, pairs):
         return model.apply(model_vars, *args, **apply_kwargs)

@@ -231,6 +231,12 @@ def reconstruct(
     calibration images) before (RTN) and after.
     """
     t_start = time.time()
+    lifted = [layer.name for layer in cal.graph.layers if layer.lifted]
+    if lifted:
+        raise ValueError(
+            f"method: {settings.method!r} does not yet reach layers under a lifted transform "
+            f"(nn.remat, nn.scan, nn.vmap): {lifted[:4]}; use method='rtn' for this model"
+        )
     n = int(calib_images.shape[0])
     found = blocks_lib.find_blocks(
         cal.model,
@@ -263,7 +269,7 @@ def reconstruct(
             bar.close()
         # The block's hard kernels and step sizes are what the following blocks see.
         params = taps.map_kernels(
-            params, problem.layers, lambda layer, w, hard=hard: hard["/".join(layer.path)]
+            params, problem.layers, lambda layer, w, hard=hard: hard[block_problem.kernel_name(layer)]
         )
         ranges.update(new_ranges)
         report_blocks.append(

@@ -97,6 +97,7 @@ class QuantizedModel:
             lo, hi = ranges[name]
             return quant.fake_quant_asymmetric(x, lo, hi, self.bits_per_layer[name][1])
 
+        model_vars = taps.prepare(model_vars, self.graph)
         with fold.folded(biases, self.bn_pairs), taps.map_inputs(fake_quant_input, ranges):
             return self.model.apply(model_vars, images, **self.apply_kwargs)
 
@@ -212,7 +213,7 @@ def calibrate_model(
     bits = calibration.assign_bits(graph, w_bits, a_bits, keep_ends_8bit)
     ranges: calibration.Ranges = {}
     if a_bits is not None:
-        forward = lambda v, x: fold.apply_folded(model, v, pairs, x, **apply_kwargs)
+        forward = lambda v, x, **kw: fold.apply_folded(model, v, pairs, x, **apply_kwargs, **kw)
         ranges = calibration.activation_ranges(
             forward,
             folded_vars,
