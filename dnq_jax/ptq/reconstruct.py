@@ -268,9 +268,8 @@ def reconstruct(
         if bar is not None:
             bar.close()
         # The block's hard kernels and step sizes are what the following blocks see.
-        params = taps.map_kernels(
-            params, problem.layers, lambda layer, w, hard=hard: hard[block_problem.kernel_name(layer)]
-        )
+        learned = lambda layer, w, hard=hard: hard[block_problem.kernel_name(layer)]
+        params = taps.map_kernels(params, problem.layers, learned)
         ranges.update(new_ranges)
         report_blocks.append(
             {
