@@ -40,7 +40,7 @@ class ResNetLike(nn.Module):
         return nn.Dense(8, name="head")(x.reshape(x.shape[0], -1))
 
 
-ITERS = 40
+ITERS = 200
 W2A4 = dict(w_bits=2, a_bits=4)
 
 
@@ -235,9 +235,9 @@ def test_qdrop_without_dropping_is_brecq(results):
     a, b = results["qdrop_p0"], results["brecq"]
     jax.tree.map(np.testing.assert_array_equal, a.variables, b.variables)
     jax.tree.map(np.testing.assert_array_equal, a.act_ranges, b.act_ranges)
-    assert a.report["blocks"] == [
-        {**blk, "time_s": a.report["blocks"][i]["time_s"]}
-        for i, blk in enumerate(b.report["blocks"])
+    keys = ("block", "layers", "loss_before", "loss_after")
+    assert [{k: blk[k] for k in keys} for blk in a.report["blocks"]] == [
+        {k: blk[k] for k in keys} for blk in b.report["blocks"]
     ]
 
 

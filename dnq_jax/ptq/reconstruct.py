@@ -122,26 +122,37 @@ def _train_block(
     act_zero: dict,
     key: jax.Array,
     bar,
-) -> tuple[dict, dict]:
-    """Runs the block's iterations; returns the learned (rounding variables, step sizes)."""
+) -> tuple[dict, dict, dict]:
+    """Runs the block's iterations; returns the learned (rounding variables, step sizes) and
+    timings: the first compiled call (compile included) and iterations/s after it."""
     s = problem.s
     n = int(jax.tree.leaves(data["target"])[0].shape[0])
     chunk = default_chunk(s)
     run = problem.make_chunk(n, not _uses_scan())
     train = {"v": v, "s": dict(act_scale) if s.learn_act else {}}
     opt_state = problem.tx.init(train)
-    done = 0
+    done, t0, t_first = 0, time.perf_counter(), None
     while done < s.iters:
         length = min(chunk, s.iters - done)
         train, opt_state, losses = run(
             train, opt_state, jnp.int32(done), data, act_scale, act_zero, key, length=length
         )
         done += length
+        if t_first is None:
+            jax.block_until_ready(losses)
+            t_first, done_first = time.perf_counter(), done
         if bar is not None:
             rec, reg = (float(x) for x in losses[-1])
             bar.update(length)
             bar.set_postfix(rec=f"{rec:.4g}", reg=f"{reg:.3g}")
-    return train["v"], (train["s"] if s.learn_act else act_scale)
+    jax.block_until_ready(train)
+    t_end = time.perf_counter()
+    rest = done - done_first
+    timing = {
+        "first_call_s": round(t_first - t0, 3),
+        "iters_per_s": round(rest / (t_end - t_first), 2) if rest else None,
+    }
+    return train["v"], (train["s"] if s.learn_act else act_scale), timing
 
 
 def _uses_scan() -> bool:
@@ -191,9 +202,9 @@ def _reconstruct_block(
     key: jax.Array,
     bar,
     calib_batch_size: int,
-) -> tuple[dict, dict[str, tuple[jax.Array, jax.Array]], float, float]:
-    """Learns one block; returns its hard kernels ``{kernel path: kernel}``, its sites' new
-    ranges, and its output error before and after."""
+) -> tuple[dict, dict[str, tuple[jax.Array, jax.Array]], dict]:
+    """Learns one block; returns its hard kernels ``{kernel name: kernel}``, its sites' new
+    ranges, and its report: output error before and after, timings."""
     v, grid = problem.init_trainable(ranges)
     act_scale = {k: sz[0] for k, sz in grid.items()}
     act_zero = {k: sz[1] for k, sz in grid.items()}
@@ -205,13 +216,17 @@ def _reconstruct_block(
         return float(jnp.mean(_batched(fn, n, calib_batch_size, data["inputs"], data["target"])))
 
     before = error(v, act_scale)
-    v, scale = _train_block(problem, data, v, act_scale, act_zero, key, bar)
+    v, scale, timing = _train_block(problem, data, v, act_scale, act_zero, key, bar)
     after = error(v, scale)
     new_ranges = {}
     for site in problem.act_sites:
         lo, hi = rounding.range_of_grid(scale[site], act_zero[site], problem.a_bits[site])
         new_ranges[site] = (jnp.reshape(lo, ()), jnp.reshape(hi, ()))
-    return problem.hard_kernels(v), new_ranges, before, after
+    return (
+        problem.hard_kernels(v),
+        new_ranges,
+        {"loss_before": before, "loss_after": after, **timing},
+    )
 
 
 def reconstruct(
@@ -262,7 +277,7 @@ def reconstruct(
         problem = block_problem.BlockProblem(cal, block, settings)
         data = _block_data(runner, index, params, ranges, calib_images, fp_logits, settings)
         bar = _progress(settings, block, index, len(found))
-        hard, new_ranges, before, after = _reconstruct_block(
+        hard, new_ranges, block_report = _reconstruct_block(
             problem, data, ranges, jax.random.fold_in(key, index), bar, calib_batch_size
         )
         if bar is not None:
@@ -275,8 +290,7 @@ def reconstruct(
             {
                 "block": block.name,
                 "layers": list(block.sites),
-                "loss_before": before,
-                "loss_after": after,
+                **block_report,
                 "time_s": round(time.time() - t0, 3),
             }
         )
