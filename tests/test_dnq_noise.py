@@ -302,7 +302,7 @@ def test_activation_noise_fn_uses_each_sites_piece_and_stats(setup, mask):
     whole = jax.random.bits(key, (flat.size,), jnp.uint32).reshape(flat.shape)
     np.testing.assert_array_equal(flat, whole)
     h = _normal((2, 6, 6, 4), 5)
-    for i, name in enumerate(graph.names[:2]):
+    for name in graph.names[:2]:
         # The drop-in law, recomputed in float64 from the site's bits.
         u = ((np.asarray(bits[name]) >> 9).astype(np.float64) + 0.5) * 2.0**-23
         p = rho if mask == "uniform" else _salience_p(h, rho, tau)
@@ -365,7 +365,8 @@ def test_cpu_conditional_and_fused_paths_give_the_same_noise(setup, monkeypatch)
                 patch.setattr(noise, "_in_conditional", lambda fn, shape: noise._fused(fn))
             fn = noise.activation_noise_fn(graph, bad, act_key, 0.0, batch=x.shape[0])
             h = jnp.ones_like(x)
-            np.testing.assert_array_equal(jax.jit(lambda h: fn(graph.first, h))(h), h)
+            out = jax.jit(lambda h, fn=fn: fn(graph.first, h))(h)
+            np.testing.assert_array_equal(out, h)
 
 
 def test_kernel_samples_are_pieces_of_one_normal_draw(setup):
@@ -375,7 +376,8 @@ def test_kernel_samples_are_pieces_of_one_normal_draw(setup):
     names = [layer.name for layer in graph.kernel_layers()]
     assert list(samples) == names
     z = [
-        (np.asarray(samples[n], np.float64) - np.asarray(stats.w_mu[n])) / np.asarray(stats.w_sigma[n])
+        (np.asarray(samples[n], np.float64) - np.asarray(stats.w_mu[n]))
+        / np.asarray(stats.w_sigma[n])
         for n in names
     ]
     for layer in graph.kernel_layers():

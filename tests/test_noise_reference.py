@@ -46,9 +46,9 @@ def test_fast_path_matches_the_per_kernel_reference(mode):
     }
     stats = profiler.init_stats(graph).replace(w_mu=table(), w_sigma=table())
     k_t, k_prev = noise.step_keys(jax.random.key(2), 7)
-    fast = jax.jit(
-        lambda p, lam: noise.weight_noise(p, graph, stats, k_t, k_prev, lam, mode=mode)
-    )(variables["params"], 0.8)
+    fast = jax.jit(lambda p, lam: noise.weight_noise(p, graph, stats, k_t, k_prev, lam, mode=mode))(
+        variables["params"], 0.8
+    )
     want = reference_weight_noise(variables["params"], graph, stats, k_t, k_prev, 0.8, mode)
     changed = 0
     for layer in graph.kernel_layers():

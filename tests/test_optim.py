@@ -117,7 +117,12 @@ def test_batch_must_divide_by_devices_and_unknown_keys_are_refused():
 
 def test_method_presets_are_resolved_when_the_config_is_built():
     r = resnet.get_config("method=sgd")
-    assert (r.noise.weight, r.noise.act, r.swa.enabled, r.optim.sam) == ("none", False, False, False)
+    assert (r.noise.weight, r.noise.act, r.swa.enabled, r.optim.sam) == (
+        "none",
+        False,
+        False,
+        False,
+    )
     r = resnet.get_config("method=dnq")
     assert (r.noise.weight, r.noise.act, r.swa.enabled) == ("differential", True, True)
     # Explicit keys win over the preset, in any order of the argument.

@@ -99,7 +99,9 @@ def test_profiler_matches_numpy_float64(setup, keep_ends):
         mu = got.w_mu[layer.name]
         assert mu.shape == (layer.out_channels,) and mu.dtype == jnp.float32
         np.testing.assert_allclose(mu, w_mu[layer.name], rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(got.w_sigma[layer.name], w_sigma[layer.name], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            got.w_sigma[layer.name], w_sigma[layer.name], rtol=1e-4, atol=1e-6
+        )
     for name in graph.names:
         np.testing.assert_allclose(got.a_mu[name], a_mu[name], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(got.a_sigma[name], a_sigma[name], rtol=1e-4, atol=1e-6)
@@ -183,7 +185,9 @@ def test_stats_summary_magnitudes(setup):
     rng = np.random.default_rng(1)
     stats = _stats(graph, lambda z: jnp.asarray(rng.normal(size=z.shape), jnp.float32))
     got = jax.jit(profiler.stats_summary)(stats)
-    flat = lambda table: np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in table.values()])
+    flat = lambda table: np.concatenate(
+        [np.ravel(np.asarray(v, np.float64)) for v in table.values()]
+    )
     np.testing.assert_allclose(got["w_mu_abs"], np.abs(flat(stats.w_mu)).mean(), rtol=1e-6)
     np.testing.assert_allclose(got["w_sigma"], flat(stats.w_sigma).mean(), rtol=1e-6)
     np.testing.assert_allclose(got["a_mu_abs"], np.abs(flat(stats.a_mu)).mean(), rtol=1e-6)

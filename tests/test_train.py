@@ -175,10 +175,13 @@ def test_scanned_chunks_match_straight_line_and_resume_bit_exactly(smoke_run, tm
     assert results["steps"] == 20
     rows = [r for r in metrics.read(wd) if "epoch" in r]
     assert [r["lr_step"] for r in rows] == [4, 8, 12, 16, 20]  # one call per epoch
+    # Against the straight-line run of the same config: the scanned body compiles to other
+    # float reassociations. Observed: epoch losses 2e-5 apart (relative), final params 1.5e-4
+    # in norm; a wrong key, step number or state threading would differ at order 1.
     straight, _ = smoke_run
-    np.testing.assert_allclose(_epoch_losses(wd), _epoch_losses(straight), rtol=1e-5)
+    np.testing.assert_allclose(_epoch_losses(wd), _epoch_losses(straight), rtol=1e-4)
     a, b = _flat(_final_params(wd)), _flat(_final_params(straight))
-    assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
+    assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(b)
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(wd / "checkpoints" / "8", resumed / "checkpoints" / "8")
     train_and_evaluate(scan, str(resumed))

@@ -53,10 +53,18 @@ def ptq_methods() -> tuple[str, ...]:
 # (key, default, meaning): the README's config reference is generated from this table.
 KEYS: tuple[tuple[str, object, str], ...] = (
     ("seed", 0, "root PRNG seed (init, data order, augmentation, noise)"),
-    ("model.name", "resnet20", "zoo name: resnet8/20/32/56, resnet18/50, mobilenet_v1/v2, vgg16_bn"),
+    (
+        "model.name",
+        "resnet20",
+        "zoo name: resnet8/20/32/56, resnet18/50, mobilenet_v1/v2, vgg16_bn",
+    ),
     ("model.width", 1.0, "width multiplier (mobilenet_v2 only)"),
     ("model.dtype", "float32", "compute dtype: float32 or bfloat16 (params stay float32)"),
-    ("data.name", "cifar10_jpeg", "cifar10_jpeg, fashion_mnist, cifar10, cifar100, mnist, synthetic"),
+    (
+        "data.name",
+        "cifar10_jpeg",
+        "cifar10_jpeg, fashion_mnist, cifar10, cifar100, mnist, synthetic",
+    ),
     ("data.limit_train", 0, "use a fixed sample of N training images (0 = all)"),
     ("data.limit_test", 0, "use a fixed sample of N test images (0 = all)"),
     ("optim.num_epochs", 400, "epochs"),
@@ -101,11 +109,15 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     ("runtime.ckpt_every_epochs", 10, "checkpoint cadence"),
     ("runtime.keep_checkpoints", 2, "checkpoints kept"),
     ("runtime.progress", True, "progress bar"),
-    ("runtime.rollback_on_nan", False, "on a non-finite step: restore the last checkpoint, halve lambda"),
+    (
+        "runtime.rollback_on_nan",
+        False,
+        "on a non-finite step: restore the last checkpoint, halve lambda",
+    ),
     ("runtime.npz_path", "", "cifar10_jpeg file ('' = ../shared/data/ beside the repository)"),
     ("runtime.data_dir", "", "decoded-data cache ('' = ./data_cache)"),
     ("runtime.tfds_data_dir", "", "TFDS data_dir ('' = the TFDS default)"),
-)  # fmt: skip
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -205,7 +217,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     """
     from dnq_jax import data, models  # the registries of the lower floors
 
-    _check(c.model.name in models.names(), "model.name", f"unknown {c.model.name!r}; choose from {models.names()}")  # fmt: skip
+    _one_of(c, "model.name", models.names())
     _one_of(c, "data.name", data.NAMES)
     for key in ("data.limit_train", "data.limit_test", "runtime.num_devices", "eval.iters"):
         _check(flat(c)[key] >= 0, key, f"must be >= 0, got {flat(c)[key]}")
