@@ -30,6 +30,7 @@ def train_main(argv: list[str] | None = None) -> None:
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
     flags.DEFINE_bool("verbose", False, "Show tracebacks for expected errors.")
     flags.mark_flags_as_required(["config", "workdir"])
+    _list_in_help("config", "workdir", "verbose")
 
     def main(_):
         f = flags.FLAGS
@@ -61,6 +62,7 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     flags.DEFINE_integer("iters", None, "Reconstruction iterations; default: eval.iters.")
     flags.DEFINE_bool("verbose", False, "Show tracebacks for expected errors.")
     flags.mark_flags_as_required(["workdir"])
+    _list_in_help("workdir", "bits", "method", "iters", "verbose")
 
     def main(_):
         f = flags.FLAGS
@@ -78,6 +80,14 @@ def _evaluate(workdir: str, bits: str | None, method: str | None, iters: int | N
     print(evaluate.format_table(results, f"{workdir} ({used}):"))
     print(f"written: {workdir}/ptq_results.json")
     return errors.EXIT_OK
+
+
+def _list_in_help(*names: str) -> None:
+    """absl's --help lists the flags of the program's main module; these are defined here."""
+    from absl import flags
+
+    for name in names:
+        flags.FLAGS.register_flag_by_module(sys.argv[0], flags.FLAGS[name])
 
 
 def _quiet_logs() -> None:

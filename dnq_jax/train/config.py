@@ -212,8 +212,7 @@ def _one_of(c: ml_collections.ConfigDict, key: str, allowed) -> None:
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raise ConfigError naming the key for anything out of range or contradictory.
 
-    `names` gives the known models and datasets; `num_devices`, if given, checks that the
-    batch divides evenly.
+    `num_devices`, if given, checks that the batch divides evenly over them.
     """
     from dnq_jax import data, models  # the registries of the lower floors
 
