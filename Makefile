@@ -1,4 +1,5 @@
-# The two commands: `make demo` and `make test`. Each creates .venv when it is missing.
+# The two commands: `make demo` and `make test`. Each creates .venv when it is missing and
+# installs the pinned requirements, then the project itself (editable, with its CLIs).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,10 +8,11 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .PHONY: venv demo test lint format fashion-mnist bench clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install -q -e .
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -27,7 +29,7 @@ fashion-mnist:
 	fi
 
 demo: venv fashion-mnist
-	$(BIN)/python -m dnq_jax.demo --workdir demo_out
+	$(BIN)/python -m dnq_jax.train.demo --workdir demo_out
 
 test: venv fashion-mnist
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -27,9 +27,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from dnq_jax import data, models, optim, runtime, taps  # noqa: E402
+from dnq_jax import data, models, taps  # noqa: E402
 from dnq_jax.dnq import profiler  # noqa: E402
-from dnq_jax.step import StepSettings, TrainState, make_chunk_fn, make_step  # noqa: E402
+from dnq_jax.train import builders, optim  # noqa: E402
+from dnq_jax.train.state import TrainState  # noqa: E402
+from dnq_jax.train.step import StepSettings, make_chunk_fn, make_train_step  # noqa: E402
 
 
 def _block(tree):
@@ -110,9 +112,9 @@ def time_epochs(step, box, images, labels, key, lam, n, b, cpu_steps):
     GPU/TPU; on CPU, where the trainer calls a jitted one-step chunk per step, `cpu_steps`
     such calls timed and scaled to the epoch."""
     spe = n // b
-    cpu = runtime.is_cpu()
-    sh = runtime.shardings(runtime.make_mesh(1))
-    chunk = make_chunk_fn(step, unroll=cpu, shardings=sh)
+    cpu = jax.default_backend() == "cpu"
+    sh = builders.shardings(builders.make_mesh(1))
+    chunk = make_chunk_fn(step, scan=not cpu, shardings=sh)
     all_idx = jax.jit(lambda k: data.epoch_indices(k, n, b), out_shardings=sh["idx"])(key)
     # Placed as the trainer places it: a state with other shardings would make the first
     # calls compile again.
@@ -153,7 +155,6 @@ def main(argv=None):
     ap.add_argument(
         "--epoch", action="store_true", help="also time the trainer's epoch (scanned on GPU/TPU)"
     )
-    ap.add_argument("--prng-impl", default="threefry2x32")
     ap.add_argument("--compile-repeats", type=int, default=3, help="compiles timed per step")
     ap.add_argument(
         "--breakdown",
@@ -168,7 +169,7 @@ def main(argv=None):
     print(
         f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
     )
-    print(f"model {args.model}, batch {args.batch}, {args.dtype}, prng {args.prng_impl}")
+    print(f"model {args.model}, batch {args.batch}, {args.dtype}")
     rng = np.random.default_rng(0)
     n = args.num_train
     images = jnp.asarray(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
@@ -203,9 +204,8 @@ def main(argv=None):
         label_smoothing=0.1,
         pad=4,
         flip=True,
-        prng_impl=args.prng_impl,
     )
-    step = make_step(model, graph, tx, settings, mean, std, dtype)
+    step = make_train_step(model, graph, tx, settings, mean, std, dtype)
     measure = jax.jit(profiler.make_profiler(model, graph, w_bits=2, a_bits=4))
     calib = data.normalize(images[:100], mean, std)
     t0 = time.perf_counter()
@@ -218,7 +218,7 @@ def main(argv=None):
         batch_stats=variables["batch_stats"],
         opt_state=tx.init(variables["params"]),
         noise_stats=stats,
-        rng=jax.random.key_data(jax.random.key(0, impl=args.prng_impl)),
+        rng=jax.random.key_data(jax.random.key(0)),
         lam_scale=jnp.ones([], jnp.float32),
     )
     # Copies: each timed step donates its state, and `st` is used again by --breakdown.
@@ -257,7 +257,7 @@ def main(argv=None):
             "drop-in": (dataclasses.replace(settings, weight_noise="none"), True),
         }
         for name, (kw, on) in parts.items():
-            jitted = jit_dnq_step(make_step(model, graph, tx, kw, mean, std, dtype), on)
+            jitted = jit_dnq_step(make_train_step(model, graph, tx, kw, mean, std, dtype), on)
             lower = lambda f=jitted: f.lower(st, *dnq_args)
             comp, fn = compile_times({name: lower}, 1)[name]
             ms, _ = time_dnq_step(fn, fresh(), *dnq_args, args.steps)

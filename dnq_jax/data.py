@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dnq_jax.errors import DataError
+
 __all__ = ["NAMES", "DataError", "Dataset", "augment", "augment_config", "calibration_subset"]
 __all__ += ["epoch_indices", "load", "normalize"]
 
@@ -72,10 +74,6 @@ _IDX_SHA256_UPSTREAM = {
 CIFAR10_JPEG_FILE = "cifar10_jpeg_q75.npz"
 CIFAR10_JPEG_SHA256 = "fdef8a4f8ffc8d30250e96c70293706a31eeb1af139bf284db10b42d65dca644"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class DataError(ValueError):
-    """A dataset is missing, corrupt or malformed; the message says how to get a good copy."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,7 +274,7 @@ def _find_npz(npz_path: str | None) -> Path:
         if path.is_file():
             return path
     looked = ", ".join(dict.fromkeys(str(p) for p in candidates))
-    how = "pass npz_path= or set DNQ_CIFAR10_JPEG (layout: shared/data/README.md)"
+    how = "pass npz_path= or set DNQ_CIFAR10_JPEG (layout: docs/data.md)"
     raise DataError(f"{CIFAR10_JPEG_FILE} not found; looked at: {looked}; {how}")
 
 

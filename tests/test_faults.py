@@ -21,13 +21,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import resnet
-from dnq_jax import checkpoint, metrics, run_setup
-from dnq_jax import config as cfg
+from dnq_jax.errors import ConfigError
+from dnq_jax.train import builders, checkpoint, metrics
+from dnq_jax.train.loop import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 # 3 epochs of 4 steps: warm-up, then noise from epoch 1, SWA from epoch 2; a checkpoint per
 # epoch at steps 4, 8, 12 (the newest 2 kept).
-SMOKE = "smoke,num_epochs=3,eval_bits=w8a8,progress=False,num_devices=1"
+SMOKE = "smoke,optim.num_epochs=3,eval.bits=w8a8,runtime.progress=False,runtime.num_devices=1"
 
 
 def _env() -> dict:
@@ -37,13 +38,16 @@ def _env() -> dict:
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return env
 
 
-def _train_cmd(workdir, config=SMOKE, *flags) -> list[str]:
+def _train_cmd(workdir, config=SMOKE, *flags, nan_step: int | None = None) -> list[str]:
+    """The train.py command; with `nan_step`, tests/nan_train.py poisons that step."""
+    script = ["train.py"] if nan_step is None else ["tests/nan_train.py", str(nan_step)]
     return [
         sys.executable,
-        "train.py",
+        *script,
         f"--config=configs/resnet.py:{config}",
         f"--workdir={workdir}",
         *flags,
@@ -109,12 +113,14 @@ def runs(tmp_path_factory):
     """name -> (workdir, CompletedProcess) of the runs that need no interaction, started
     together: each compiles mostly on one core, so two cores take them at once."""
     base = tmp_path_factory.mktemp("runs")
-    configs = {
-        "reference": SMOKE,  # the uninterrupted run every fault test is compared with
-        "nan": SMOKE + ",debug_nan_step=9",
-        "rollback": SMOKE + ",debug_nan_step=9,rollback_on_nan=True",
+    commands = {
+        "reference": _train_cmd(base / "reference"),  # what every fault test is compared with
+        "nan": _train_cmd(base / "nan", nan_step=9),
+        "rollback": _train_cmd(
+            base / "rollback", SMOKE + ",runtime.rollback_on_nan=True", nan_step=9
+        ),
     }
-    procs = {k: (base / k, _start(_train_cmd(base / k, c))) for k, c in configs.items()}
+    procs = {k: (base / k, _start(cmd)) for k, cmd in commands.items()}
     out = {}
     for k, (wd, proc) in procs.items():
         stdout, stderr = _finish(proc)
@@ -230,22 +236,24 @@ def test_config_is_validated_before_data_or_workdir(tmp_path, monkeypatch):
     def no_data(c):
         raise AssertionError("data loaded before the config was checked")
 
-    monkeypatch.setattr(run_setup, "load_dataset", no_data)
-    cases = [("rho=1.5", "rho"), ("swa_start_epoch=4", "swa_start_epoch")]
+    monkeypatch.setattr(builders, "load_dataset", no_data)
+    cases = [("noise.rho=1.5", "noise.rho"), ("swa.start_epoch=4", "swa.start_epoch")]
     n = jax.device_count()  # tests/conftest.py makes 8 host devices
     if n > 1:
-        cases.append((f"batch_size={4 * n + 1},num_devices={n}", "batch_size"))
+        cases.append((f"optim.batch_size={4 * n + 1},runtime.num_devices={n}", "batch_size"))
     for bad, key in cases:
-        with pytest.raises(cfg.ConfigError, match=key):
-            run_setup.build_run(resnet.get_config(f"smoke,{bad}"), tmp_path / "wd")
+        with pytest.raises(ConfigError, match=key):
+            train_and_evaluate(resnet.get_config(f"smoke,{bad}"), tmp_path / "wd")
     assert not (tmp_path / "wd").exists()
 
 
 def test_resuming_with_other_training_settings_is_refused(reference, tmp_path):
     wd = tmp_path / "wd"
     shutil.copytree(reference, wd)
-    with pytest.raises(cfg.ConfigError, match="learning_rate"):
-        run_setup.build_run(resnet.get_config(SMOKE + ",learning_rate=0.1"), wd)
+    before = _listing(wd)
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        train_and_evaluate(resnet.get_config(SMOKE + ",optim.learning_rate=0.1"), wd)
+    assert _listing(wd) == before
 
 
 # --- Bad input through the CLIs: one paragraph, no traceback, a distinct exit status, and
@@ -269,9 +277,9 @@ def _cli_cases(tmp: Path, reference: Path) -> dict:
     foreign = tmp / "foreign"
     shutil.copytree(reference, foreign, ignore=shutil.ignore_patterns("checkpoints"))
     c = json.loads((foreign / "config.json").read_text())
-    c["model"] = "resnet20"  # another zoo model: the saved arrays cannot fit it
+    c["model"]["name"] = "resnet20"  # another zoo model: the saved arrays cannot fit it
     (foreign / "config.json").write_text(json.dumps(c))
-    data = f"{SMOKE},dataset=cifar10_jpeg,npz_path="
+    data = f"{SMOKE},data.name=cifar10_jpeg,runtime.npz_path="
     evaluate = [sys.executable, "evaluate.py", f"--workdir={foreign}"]
     return {  # name: (command, workdir that must be left as it was, exit status, must say)
         "unknown_flag_key": (
@@ -281,23 +289,34 @@ def _cli_cases(tmp: Path, reference: Path) -> dict:
             ["nosuchkey", "unknown config key"],
         ),
         "unknown_arg_key": (
-            _train_cmd(tmp / "w2", SMOKE + ",lamda_max=2"),
+            _train_cmd(tmp / "w2", SMOKE + ",noise.lamda_max=2"),
             tmp / "w2",
             2,
-            ["lamda_max", "unknown config key"],
+            ["noise.lamda_max", "unknown config key", "Did you mean 'noise.lambda_max'"],
         ),
-        "rho_range": (_train_cmd(existing, SMOKE + ",rho=1.5"), existing, 2, ["rho", "[0, 1]"]),
+        "method_flag": (
+            _train_cmd(tmp / "w6", SMOKE, "--config.method=sgd"),
+            tmp / "w6",
+            2,
+            ["method: not a config key", "configs/resnet.py:method=sgd"],
+        ),
+        "rho_range": (
+            _train_cmd(existing, SMOKE + ",noise.rho=1.5"),
+            existing,
+            2,
+            ["noise.rho", "[0, 1]"],
+        ),
         "missing_data": (
             _train_cmd(tmp / "w3", data + str(tmp / "absent.npz")),
             tmp / "w3",
             3,
-            ["absent.npz", "not found", "npz_path"],
+            ["absent.npz", "not found", "runtime.npz_path"],
         ),
         "truncated_data": (
             _train_cmd(tmp / "w4", data + str(truncated)),
             tmp / "w4",
             3,
-            ["truncated.npz", "sha256", "expected", "npz_path"],
+            ["truncated.npz", "sha256", "expected", "runtime.npz_path"],
         ),
         "unwritable": (_train_cmd(unwritable, SMOKE), unwritable, 5, ["not writable"]),
         "foreign_checkpoint": (
@@ -307,10 +326,10 @@ def _cli_cases(tmp: Path, reference: Path) -> dict:
             ["do not fit", "arrays where", "another model"],
         ),
         "verbose": (
-            _train_cmd(tmp / "w5", SMOKE + ",rho=1.5", "--verbose"),
+            _train_cmd(tmp / "w5", SMOKE + ",noise.rho=1.5", "--verbose"),
             tmp / "w5",
             2,
-            ["Traceback", "rho"],
+            ["Traceback", "noise.rho"],
         ),
     }
 
@@ -333,6 +352,7 @@ def cli_errors(reference, tmp_path_factory):
     [
         "unknown_flag_key",
         "unknown_arg_key",
+        "method_flag",
         "rho_range",
         "missing_data",
         "truncated_data",
@@ -351,3 +371,19 @@ def test_bad_input_is_one_paragraph_and_leaves_the_workdir(cli_errors, case):
         assert "Traceback" not in err and "--verbose" in err
         assert len([ln for ln in err.splitlines() if ln.startswith("error (")]) == 1
     assert after == before, f"workdir changed: {before} -> {after}"
+
+
+def test_evaluate_cli_on_a_finished_run(reference, tmp_path):
+    """evaluate.py re-measures a finished run: the same FP32 and W8A8 top-1 as its training
+    run wrote, at the run's own settings, then at the bits asked for."""
+    wd = tmp_path / "wd"
+    shutil.copytree(reference, wd, ignore=shutil.ignore_patterns("checkpoints"))
+    r = _run([sys.executable, "evaluate.py", f"--workdir={wd}", "--bits=w8a8,w4a4"])
+    assert r.returncode == 0, r.stderr
+    assert "W4A4" in r.stdout and "ptq_results.json" in r.stdout
+    trained = json.loads((wd / "results.json").read_text())
+    measured = json.loads((wd / "ptq_results.json").read_text())
+    assert measured["fp32"] == pytest.approx(trained["fp32"], abs=1e-9)
+    assert measured["w8a8"] == pytest.approx(trained["w8a8"], abs=1e-9)
+    assert measured["settings"]["bits"] == ["w8a8", "w4a4"]
+    assert measured["settings"]["method"] == "rtn" and 0 <= measured["w4a4"] <= 100

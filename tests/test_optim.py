@@ -8,8 +8,9 @@ import optax
 import pytest
 
 from configs import resnet
-from dnq_jax import batchnorm, optim
-from dnq_jax import config as cfg
+from dnq_jax.errors import ConfigError
+from dnq_jax.train import config as cfg
+from dnq_jax.train import optim
 
 
 def test_swa_equals_the_mean_of_the_end_of_epoch_snapshots():
@@ -52,7 +53,7 @@ def test_bn_recalibration_is_the_average_of_batch_statistics():
     x = jax.random.normal(jax.random.key(0), (12, 6, 6, 3)) * 2.0 + 0.5
     variables = model.init(jax.random.key(1), x[:1])
     batches = [x[:4], x[4:8], x[8:]]
-    new = batchnorm.recompute_batch_stats(model, variables, batches)
+    new = optim.recompute_batch_stats(model, variables, batches)
     k = np.asarray(variables["params"]["conv"]["kernel"], np.float64)
     means, vars_ = [], []
     for b in batches:
@@ -76,48 +77,70 @@ def test_bn_recalibration_is_the_average_of_batch_statistics():
     assert not np.allclose(variables["batch_stats"]["bn"]["var"], new["batch_stats"]["bn"]["var"])
 
 
-def _resolved(arg):
-    return cfg.resolve(resnet.get_config(arg))
-
-
 @pytest.mark.parametrize(
     "arg,key",
     [
-        ("w_bits=1", "w_bits"),
-        ("a_bits=17", "a_bits"),
-        ("rho=1.5", "rho"),
-        ("num_epochs=0", "num_epochs"),
-        ("noise_start_epoch=400", "noise_start_epoch"),
-        ("swa_start_epoch=500", "swa_start_epoch"),
-        ("ramp=square", "ramp"),
-        ("mask=random", "mask"),
-        ("eval_bits=w4x4", "eval_bits"),
-        ("method=dnq,sam=True,weight_noise=accumulate", "sam"),
-        ("method=sgd,swa_lr=0.01", "swa_lr"),
+        ("noise.w_bits=1", "noise.w_bits"),
+        ("noise.a_bits=17", "noise.a_bits"),
+        ("noise.rho=1.5", "noise.rho"),
+        ("optim.num_epochs=0", "optim.num_epochs"),
+        ("noise.start_epoch=400", "noise.start_epoch"),
+        ("swa.start_epoch=500", "swa.start_epoch"),
+        ("noise.ramp=square", "noise.ramp"),
+        ("noise.mask=random", "noise.mask"),
+        ("eval.bits=w4x4", "eval.bits"),
+        ("eval.method=nearest", "eval.method"),
+        ("eval.iters=-1", "eval.iters"),
+        ("runtime.loop=while", "runtime.loop"),
+        ("method=dnq,optim.sam=True,noise.weight=accumulate", "optim.sam"),
+        ("method=sgd,swa.lr=0.01", "swa.lr"),
     ],
 )
 def test_validation_names_the_key(arg, key):
-    with pytest.raises(cfg.ConfigError, match=key):
-        cfg.validate(_resolved(arg), num_devices=1)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        cfg.validate(resnet.get_config(arg), num_devices=1)
 
 
 def test_batch_must_divide_by_devices_and_unknown_keys_are_refused():
-    with pytest.raises(cfg.ConfigError, match="batch_size"):
-        cfg.validate(_resolved("batch_size=63"), num_devices=8)
-    with pytest.raises(cfg.ConfigError, match="lambda_mx"):
-        resnet.get_config("lambda_mx=0.5")
-    with pytest.raises(cfg.ConfigError, match="method"):
-        _resolved("method=noisy")
+    with pytest.raises(ConfigError, match="optim.batch_size"):
+        cfg.validate(resnet.get_config("optim.batch_size=63"), num_devices=8)
+    with pytest.raises(ConfigError, match="lambda_mx.*Did you mean 'noise.lambda_max'"):
+        resnet.get_config("noise.lambda_mx=0.5")
+    with pytest.raises(ConfigError, match="Did you mean 'noise.lambda_max'"):
+        resnet.get_config("lambda_max=0.5")  # a bare key names its group
+    with pytest.raises(ConfigError, match="method"):
+        resnet.get_config("method=noisy")
     c = resnet.get_config("smoke")
     with pytest.raises(AttributeError):
-        c.lambda_mx = 0.5  # locked: a typo cannot add a key
+        c.noise.lambda_mx = 0.5  # locked: a typo cannot add a key
 
 
-def test_method_presets_fill_only_unset_switches():
-    r = _resolved("method=sgd")
-    assert (r.weight_noise, r.act_noise, r.swa, r.sam) == ("none", False, False, False)
-    r = _resolved("method=dnq")
-    assert (r.weight_noise, r.act_noise, r.swa) == ("differential", True, True)
-    r = _resolved("method=dnq,weight_noise=naive,swa=false")
-    assert (r.weight_noise, r.act_noise, r.swa) == ("naive", True, False)
+def test_method_presets_are_resolved_when_the_config_is_built():
+    r = resnet.get_config("method=sgd")
+    assert (r.noise.weight, r.noise.act, r.swa.enabled, r.optim.sam) == (
+        "none",
+        False,
+        False,
+        False,
+    )
+    r = resnet.get_config("method=dnq")
+    assert (r.noise.weight, r.noise.act, r.swa.enabled) == ("differential", True, True)
+    # Explicit keys win over the preset, in any order of the argument.
+    r = resnet.get_config("noise.weight=naive,method=dnq,swa.enabled=false")
+    assert (r.noise.weight, r.noise.act, r.swa.enabled) == ("naive", True, False)
+    assert cfg.method_name(r) == "custom" and cfg.method_name(resnet.get_config("")) == "dnq"
     cfg.validate(r, num_devices=1)
+    # What runs is what is written: the config survives its own JSON unchanged.
+    assert cfg.from_json_text(cfg.to_json(r)).to_dict() == r.to_dict()
+
+
+def test_only_the_eval_and_runtime_groups_may_change_on_resume():
+    saved = resnet.get_config("smoke").to_dict()
+    free = resnet.get_config("smoke,eval.bits=w4a4,runtime.chunk_steps=2,runtime.npz_path=x")
+    assert cfg.resume_conflicts(saved, free) == []
+    changed = resnet.get_config("smoke,optim.learning_rate=0.1,quant.n_calib=8,seed=1")
+    assert cfg.resume_conflicts(saved, changed) == [
+        "optim.learning_rate",
+        "quant.n_calib",
+        "seed",
+    ]

@@ -52,7 +52,7 @@ def setup():
 
 
 def _fake_quant(x: np.ndarray, bits: int, per_channel: bool) -> np.ndarray:
-    """Asymmetric min-max quantizer of DESIGN section 3, in float64."""
+    """The asymmetric min-max quantizer of docs/method.md, in float64."""
     axes = tuple(range(x.ndim - 1)) if per_channel else None
     lo, hi = x.min(axis=axes, keepdims=True), x.max(axis=axes, keepdims=True)
     qmax = 2.0**bits - 1
@@ -62,19 +62,18 @@ def _fake_quant(x: np.ndarray, bits: int, per_channel: bool) -> np.ndarray:
 
 
 def _reference(variables, graph, inputs, bits):
-    w_mu, w_sigma = [], []
+    """Per-name tables: kernel site -> per-channel mu, sigma; site -> scalar mu, sigma."""
+    w_mu, w_sigma = {}, {}
     for layer in graph.kernel_layers():
         w = np.asarray(taps.get_kernel(variables["params"], layer), np.float64)
         err = (_fake_quant(w, bits[layer.name][0], True) - w).reshape(-1, w.shape[-1])
-        w_mu.append(err.mean(0))
-        w_sigma.append(err.std(0))
-    a_mu, a_sigma = [], []
+        w_mu[layer.name], w_sigma[layer.name] = err.mean(0), err.std(0)
+    a_mu, a_sigma = {}, {}
     for name in graph.names:
         x = inputs[name]
         err = _fake_quant(x, bits[name][1], False) - x
-        a_mu.append(err.mean())
-        a_sigma.append(err.std())
-    return w_mu, w_sigma, np.array(a_mu), np.array(a_sigma)
+        a_mu[name], a_sigma[name] = err.mean(), err.std()
+    return w_mu, w_sigma, a_mu, a_sigma
 
 
 def test_layer_bits_keeps_the_ends_at_8_bits(setup):
@@ -94,18 +93,24 @@ def test_profiler_matches_numpy_float64(setup, keep_ends):
     bits = profiler.layer_bits(graph, 2, 4, keep_ends)
     w_mu, w_sigma, a_mu, a_sigma = _reference(variables, graph, inputs, bits)
     assert int(got.count) == 1
-    for i, layer in enumerate(graph.kernel_layers()):
-        assert got.w_mu[i].shape == (layer.out_channels,) and got.w_mu[i].dtype == jnp.float32
-        np.testing.assert_allclose(got.w_mu[i], w_mu[i], rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(got.w_sigma[i], w_sigma[i], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(got.a_mu, a_mu, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(got.a_sigma, a_sigma, rtol=1e-4, atol=1e-6)
+    assert list(got.w_mu) == [k.name for k in graph.kernel_layers()]
+    assert list(got.a_mu) == list(graph.names)
+    for layer in graph.kernel_layers():
+        mu = got.w_mu[layer.name]
+        assert mu.shape == (layer.out_channels,) and mu.dtype == jnp.float32
+        np.testing.assert_allclose(mu, w_mu[layer.name], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            got.w_sigma[layer.name], w_sigma[layer.name], rtol=1e-4, atol=1e-6
+        )
+    for name in graph.names:
+        np.testing.assert_allclose(got.a_mu[name], a_mu[name], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got.a_sigma[name], a_sigma[name], rtol=1e-4, atol=1e-6)
     # The ends' bit-widths matter: at 2/4 bits their errors are far larger than at 8.
     low = profiler.layer_bits(graph, 2, 4, keep_ends_8bit=False)
     _, w_sigma_low, _, a_sigma_low = _reference(variables, graph, inputs, low)
-    ratio = np.asarray(got.w_sigma[0]) / w_sigma_low[0]
+    ratio = np.asarray(got.w_sigma[graph.first]) / w_sigma_low[graph.first]
     assert np.all(ratio < 0.1) if keep_ends else np.allclose(ratio, 1, rtol=1e-4)
-    assert (got.a_sigma[-1] < 0.1 * a_sigma_low[-1]) == keep_ends
+    assert (got.a_sigma[graph.last] < 0.1 * a_sigma_low[graph.last]) == keep_ends
 
 
 def test_search_calibrators_reach_the_quantizer(setup):
@@ -117,10 +122,12 @@ def test_search_calibrators_reach_the_quantizer(setup):
     )(variables, images)
     # The MSE search minimises mean(e^2) = mu^2 + sigma^2 and has min-max among its candidates.
     msq = lambda mu, sd: np.square(np.asarray(mu)) + np.square(np.asarray(sd))
-    for i in range(len(base.w_mu)):
-        w_base, w_mse = msq(base.w_mu[i], base.w_sigma[i]), msq(mse.w_mu[i], mse.w_sigma[i])
+    for n in base.w_mu:
+        w_base, w_mse = msq(base.w_mu[n], base.w_sigma[n]), msq(mse.w_mu[n], mse.w_sigma[n])
         assert np.all(w_mse <= w_base * (1 + 1e-5))
-    a_base, a_mse = msq(base.a_mu, base.a_sigma), msq(mse.a_mu, mse.a_sigma)
+    sites = lambda table: np.array([table[n] for n in graph.names])
+    a_base = msq(sites(base.a_mu), sites(base.a_sigma))
+    a_mse = msq(sites(mse.a_mu), sites(mse.a_sigma))
     assert np.all(a_mse <= a_base * (1 + 1e-5)) and np.any(a_mse < 0.9 * a_base)
     with pytest.raises(ValueError, match="a_calibrator"):
         profiler.make_profiler(model, graph, w_bits=2, a_bits=4, a_calibrator="max")
@@ -136,30 +143,35 @@ def _stats(graph, fill, count: int = 1) -> NoiseStats:
 def test_ema_initialises_then_decays(setup):
     graph = setup[3]
     init = profiler.init_stats(graph)
-    assert int(init.count) == 0 and all(np.all(np.asarray(m) == 0) for m in init.w_mu)
-    assert [m.shape for m in init.w_mu] == [(k.out_channels,) for k in graph.kernel_layers()]
-    assert init.a_mu.shape == (len(graph.layers),)
+    assert int(init.count) == 0 and all(np.all(np.asarray(m) == 0) for m in init.w_mu.values())
+    assert {n: m.shape for n, m in init.w_mu.items()} == {
+        k.name: (k.out_channels,) for k in graph.kernel_layers()
+    }
+    assert {n: jnp.shape(m) for n, m in init.a_mu.items()} == {n: () for n in graph.names}
     update = jax.jit(profiler.ema_update, static_argnames="decay")
     first = _stats(graph, lambda z: z + 2.0)
     second = _stats(graph, lambda z: z + 1.0)
     s1 = update(init, first, decay=0.9)
     assert int(s1.count) == 1
-    np.testing.assert_array_equal(s1.a_sigma, 2.0)  # replaced, not shrunk to 0.2
+    for v in s1.a_sigma.values():
+        np.testing.assert_array_equal(v, 2.0)  # replaced, not shrunk to 0.2
     s2 = update(s1, second, decay=0.9)
     assert int(s2.count) == 2
-    for leaf in (*s2.w_mu, *s2.w_sigma, s2.a_mu, s2.a_sigma):
+    for leaf in jax.tree_util.tree_leaves(s2.replace(count=None)):
         np.testing.assert_allclose(leaf, 0.9 * 2.0 + 0.1 * 1.0, rtol=1e-6)
     s3 = update(s2, second, decay=0.5)
-    np.testing.assert_allclose(s3.a_mu, 0.5 * 1.9 + 0.5 * 1.0, rtol=1e-6)
+    for v in s3.a_mu.values():
+        np.testing.assert_allclose(v, 0.5 * 1.9 + 0.5 * 1.0, rtol=1e-6)
     with pytest.raises(ValueError, match="decay"):
         profiler.ema_update(s1, second, decay=1.0)
 
 
 def test_noise_stats_is_a_pytree_through_jit(setup):
     graph = setup[3]
-    stats = _stats(graph, lambda z: z + 0.5, count=0).replace(a_mu=jnp.arange(3.0))
+    stats = _stats(graph, lambda z: z + 0.5, count=0)
+    stats = stats.replace(a_mu={n: jnp.float32(i) for i, n in enumerate(graph.names)})
     leaves, treedef = jax.tree_util.tree_flatten(stats)
-    assert len(leaves) == 2 * len(graph.kernel_layers()) + 3
+    assert len(leaves) == 2 * len(graph.kernel_layers()) + 2 * len(graph.names) + 1
     back = jax.tree_util.tree_unflatten(treedef, leaves)
     out = jax.jit(lambda s: s.replace(count=s.count + 1))(back)
     assert isinstance(out, NoiseStats) and int(out.count) == 1
@@ -173,9 +185,10 @@ def test_stats_summary_magnitudes(setup):
     rng = np.random.default_rng(1)
     stats = _stats(graph, lambda z: jnp.asarray(rng.normal(size=z.shape), jnp.float32))
     got = jax.jit(profiler.stats_summary)(stats)
-    w_mu = np.concatenate([np.asarray(m, np.float64) for m in stats.w_mu])
-    w_sigma = np.concatenate([np.asarray(s, np.float64) for s in stats.w_sigma])
-    np.testing.assert_allclose(got["w_mu_abs"], np.abs(w_mu).mean(), rtol=1e-6)
-    np.testing.assert_allclose(got["w_sigma"], w_sigma.mean(), rtol=1e-6)
-    np.testing.assert_allclose(got["a_mu_abs"], np.abs(np.asarray(stats.a_mu)).mean(), rtol=1e-6)
-    np.testing.assert_allclose(got["a_sigma"], np.asarray(stats.a_sigma).mean(), rtol=1e-6)
+    flat = lambda table: np.concatenate(
+        [np.ravel(np.asarray(v, np.float64)) for v in table.values()]
+    )
+    np.testing.assert_allclose(got["w_mu_abs"], np.abs(flat(stats.w_mu)).mean(), rtol=1e-6)
+    np.testing.assert_allclose(got["w_sigma"], flat(stats.w_sigma).mean(), rtol=1e-6)
+    np.testing.assert_allclose(got["a_mu_abs"], np.abs(flat(stats.a_mu)).mean(), rtol=1e-6)
+    np.testing.assert_allclose(got["a_sigma"], flat(stats.a_sigma).mean(), rtol=1e-6)

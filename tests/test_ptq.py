@@ -171,7 +171,7 @@ class TinyNet(nn.Module):
 
 
 def np_fake_quant(x, lo, hi, bits):
-    """DESIGN.md section 3's asymmetric quantizer, written again in numpy."""
+    """The asymmetric quantizer of docs/method.md, written again in numpy."""
     s = (hi - lo) / (2.0**bits - 1)
     z = np.clip(np.round(-lo / s), 0, 2**bits - 1)
     return (np.clip(np.round(x / s) + z, 0, 2**bits - 1) - z) * s

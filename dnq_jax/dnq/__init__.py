@@ -1,4 +1,7 @@
-"""DNQ proper: the quantization-error profiler, the noise transforms and the noise ramps."""
+"""DNQ proper: the quantization-error profiler, the noise transforms and the noise ramps.
+
+The method is written out in docs/method.md.
+"""
 
 from dnq_jax.dnq.noise import (
     MASKS,
@@ -6,7 +9,6 @@ from dnq_jax.dnq.noise import (
     activation_dropin,
     activation_noise_fn,
     kernel_samples,
-    per_key,
     site_bits,
     step_keys,
     weight_noise,
@@ -35,7 +37,6 @@ __all__ = [
     "layer_bits",
     "make_profiler",
     "noise_lambda",
-    "per_key",
     "ramp",
     "site_bits",
     "stats_summary",

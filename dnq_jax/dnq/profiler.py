@@ -1,4 +1,4 @@
-"""The DNQ error profiler: statistics of the quantization error PTQ will make (DESIGN section 3).
+"""The DNQ error profiler: statistics of the quantization error PTQ will make (docs/method.md).
 
 WQE (weight quantization error): E = Q_w(W) - W per kernel, summarised per output channel
 by its mean and standard deviation. AQE (activation quantization error): e = Q_a(x) - x on
@@ -33,19 +33,21 @@ PyTree = Any
 class NoiseStats:
     """Error statistics of every layer; a pytree, so it is jitted, checkpointed and sharded.
 
+    Every table is keyed by site name (`taps.Layer.name`).
+
     Attributes:
-      w_mu, w_sigma: one (C_out,) float32 array per kernel, in graph.kernel_layers() order
-        (each iteration of a scanned stack is its own kernel, its slice of the stacked
-        one): per-output-channel mean and standard deviation of Q_w(W) - W.
-      a_mu, a_sigma: (num_sites,) float32 over graph.layers (call sites): mean and standard
-        deviation of Q_a(x) - x on each site's input.
+      w_mu, w_sigma: kernel site name (one per kernel: `graph.kernel_layers()`; each
+        iteration of a scanned stack is its own kernel, its slice of the stacked one) ->
+        (C_out,) float32: per-output-channel mean and standard deviation of Q_w(W) - W.
+      a_mu, a_sigma: site name (every call site: `graph.layers`) -> float32 scalar: mean and
+        standard deviation of Q_a(x) - x on that site's input.
       count: int32 scalar, the number of measurements folded in so far (0 = none yet).
     """
 
-    w_mu: tuple[jax.Array, ...]
-    w_sigma: tuple[jax.Array, ...]
-    a_mu: jax.Array
-    a_sigma: jax.Array
+    w_mu: dict[str, jax.Array]
+    w_sigma: dict[str, jax.Array]
+    a_mu: dict[str, jax.Array]
+    a_sigma: dict[str, jax.Array]
     count: jax.Array
 
 
@@ -67,13 +69,16 @@ def layer_bits(
 
 def init_stats(graph: taps.Graph) -> NoiseStats:
     """All-zero statistics with count 0, shaped for `graph`; the first EMA update replaces them."""
-    kernels = graph.kernel_layers()
-    n = len(graph.layers)
+    # Separate arrays for every entry: a donated train state must not hold one buffer twice.
+    channels = lambda: {
+        k.name: jnp.zeros((k.out_channels,), jnp.float32) for k in graph.kernel_layers()
+    }
+    sites = lambda: {name: jnp.zeros((), jnp.float32) for name in graph.names}
     return NoiseStats(
-        w_mu=tuple(jnp.zeros((k.out_channels,), jnp.float32) for k in kernels),
-        w_sigma=tuple(jnp.zeros((k.out_channels,), jnp.float32) for k in kernels),
-        a_mu=jnp.zeros((n,), jnp.float32),
-        a_sigma=jnp.zeros((n,), jnp.float32),
+        w_mu=channels(),
+        w_sigma=channels(),
+        a_mu=sites(),
+        a_sigma=sites(),
         count=jnp.zeros((), jnp.int32),
     )
 
@@ -129,10 +134,10 @@ def make_profiler(
         # a_c > 0 the folded kernel's error is this one times a_c. A negative a_c mirrors the
         # channel, which only changes how ties round.
         params = variables["params"]
-        w_stats = [
-            _weight_error_stats(taps.get_kernel(params, k), bits[k.name][0], w_calibrator)
+        w_stats = {
+            k.name: _weight_error_stats(taps.get_kernel(params, k), bits[k.name][0], w_calibrator)
             for k in kernels
-        ]
+        }
         store: dict[str, tuple[jax.Array, jax.Array]] = {}
         with taps.capture_inputs(store, reduce=activation_error):
             if graph.lifted:
@@ -154,10 +159,10 @@ def make_profiler(
                 "was the graph traced with the same model and apply arguments?"
             )
         return NoiseStats(
-            w_mu=tuple(m for m, _ in w_stats),
-            w_sigma=tuple(s for _, s in w_stats),
-            a_mu=jnp.stack([store[n][0] for n in graph.names]),
-            a_sigma=jnp.stack([store[n][1] for n in graph.names]),
+            w_mu={name: m for name, (m, _) in w_stats.items()},
+            w_sigma={name: sd for name, (_, sd) in w_stats.items()},
+            a_mu={name: store[name][0] for name in graph.names},
+            a_sigma={name: store[name][1] for name in graph.names},
             count=jnp.ones((), jnp.int32),
         )
 
@@ -182,13 +187,8 @@ def ema_update(stats: NoiseStats, new: NoiseStats, decay: float = 0.9) -> NoiseS
     def fold(old: jax.Array, cur: jax.Array) -> jax.Array:
         return jnp.where(first, cur, decay * old + (1.0 - decay) * cur).astype(old.dtype)
 
-    return NoiseStats(
-        w_mu=tuple(fold(o, c) for o, c in zip(stats.w_mu, new.w_mu)),
-        w_sigma=tuple(fold(o, c) for o, c in zip(stats.w_sigma, new.w_sigma)),
-        a_mu=fold(stats.a_mu, new.a_mu),
-        a_sigma=fold(stats.a_sigma, new.a_sigma),
-        count=stats.count + 1,
-    )
+    folded = jax.tree_util.tree_map(fold, stats, new)
+    return folded.replace(count=stats.count + 1)
 
 
 def stats_summary(stats: NoiseStats) -> dict[str, jax.Array]:
@@ -197,11 +197,10 @@ def stats_summary(stats: NoiseStats) -> dict[str, jax.Array]:
     Keys: 'w_mu_abs' (mean |w_mu|), 'w_sigma' (mean w_sigma), 'a_mu_abs' (mean |a_mu|),
     'a_sigma' (mean a_sigma).
     """
-    w_mu = jnp.concatenate([jnp.ravel(m) for m in stats.w_mu])
-    w_sigma = jnp.concatenate([jnp.ravel(s) for s in stats.w_sigma])
+    flat = lambda table: jnp.concatenate([jnp.ravel(v) for v in table.values()])
     return {
-        "w_mu_abs": jnp.mean(jnp.abs(w_mu)),
-        "w_sigma": jnp.mean(w_sigma),
-        "a_mu_abs": jnp.mean(jnp.abs(stats.a_mu)),
-        "a_sigma": jnp.mean(stats.a_sigma),
+        "w_mu_abs": jnp.mean(jnp.abs(flat(stats.w_mu))),
+        "w_sigma": jnp.mean(flat(stats.w_sigma)),
+        "a_mu_abs": jnp.mean(jnp.abs(flat(stats.a_mu))),
+        "a_sigma": jnp.mean(flat(stats.a_sigma)),
     }

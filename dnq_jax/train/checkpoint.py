@@ -1,10 +1,8 @@
 """Checkpoints of the train state and of the final (evaluated) variables, with Orbax.
 
-Layout of a workdir:
-  config.json          the resolved config of the run (read back by evaluate.py)
+Under a workdir (see `workdir.py` for the rest of it):
   checkpoints/<step>/  train states (Orbax CheckpointManager, the newest `keep` kept)
   final/               the variables the run ends with (SWA-averaged, BN re-estimated)
-  metrics.jsonl, events.out.tfevents.*, results.json
 
 Resume order: the newest complete checkpoint under checkpoints/, restored into the shape and
 sharding of a freshly initialised state. Orbax writes each checkpoint into a
@@ -18,26 +16,22 @@ deleted) when an older one restores instead.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+
+from dnq_jax.errors import CheckpointError
 
 PyTree = Any
 
 # Orbax's names (orbax/checkpoint/_src/path/atomicity_types.py); they are not public API.
 TMP_MARK = ".orbax-checkpoint-tmp"
 COMMIT_MARKER = "commit_success.txt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, or does not fit the model/config."""
 
 
 def sweep_incomplete(directory: str | os.PathLike) -> list[str]:
@@ -200,46 +194,3 @@ def load_final(workdir: str | os.PathLike, like: PyTree) -> PyTree:
             f"the final variables in {path} cannot be read ({type(e).__name__}: "
             f"{str(e)[:300]}). Re-run the same train.py command to rewrite them."
         ) from e
-
-
-def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
-    """Write config.json atomically (a kill mid-write leaves the previous file whole)."""
-    path = Path(workdir) / "config.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote to workdir/config.json, checked like a new one.
-
-    Keys missing from an older file take today's defaults; an unknown key or a value out
-    of range raises CheckpointError naming it.
-    """
-    from dnq_jax import config as cfg
-
-    path = Path(workdir) / "config.json"
-    if not path.exists():
-        raise CheckpointError(
-            f"{path} does not exist: {workdir} is not a dnq_jax workdir (train.py writes "
-            "config.json there first)."
-        )
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the workdir is damaged.") from e
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path} holds {type(saved).__name__}, expected a JSON object")
-    c = cfg.base_config()
-    unknown = sorted(set(saved) - set(c))
-    if unknown:
-        raise CheckpointError(
-            f"{path}: unknown key(s) {unknown}; it was written by another program or version."
-        )
-    try:
-        c.update(saved)
-        c = cfg.resolve(c)
-        cfg.validate(c)
-    except (cfg.ConfigError, TypeError) as e:
-        raise CheckpointError(f"{path}: {e}. Fix or restore the file.") from None
-    return c

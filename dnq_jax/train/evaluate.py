@@ -1,4 +1,4 @@
-"""Checkpoint -> PTQ at each bit-width -> table and JSON (DESIGN.md section 4).
+"""Final variables -> PTQ at each bit-width -> table and JSON (docs/protocol.md).
 
 `evaluate_variables` measures FP32 top-1 and the PTQ top-1 at each (w_bits, a_bits) on the
 full test split; `evaluate_workdir` does it for a finished run's final variables (what
@@ -8,8 +8,6 @@ evaluate.py calls).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,19 +15,21 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
-from dnq_jax import checkpoint, data, ptq
-from dnq_jax import config as cfg
-
-METHODS = ("rtn",)
+from dnq_jax import data, ptq
+from dnq_jax.errors import ConfigError
+from dnq_jax.train import builders, checkpoint, workdir
+from dnq_jax.train import config as config_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-    """How PTQ is measured: bit-widths, calibration set, calibrator, kept layers."""
+    """How PTQ is measured: bit-widths, method, calibration set, calibrator, kept layers."""
 
     bits: tuple[tuple[int, int], ...] = ((8, 8), (4, 4), (2, 4), (2, 2))
     method: str = "rtn"
+    iters: int = 0  # reconstruction iterations; 0 = the method's default
     n_calib: int = 100
     calib_seed: int = 0
     calibrator: str = "minmax"
@@ -39,12 +39,14 @@ class EvalSettings:
     @classmethod
     def from_config(cls, c: ml_collections.ConfigDict, **overrides: Any) -> EvalSettings:
         s = cls(
-            bits=tuple(cfg.parse_bits(c.eval_bits)),
-            n_calib=c.n_calib,
-            calib_seed=c.calib_seed,
-            calibrator=c.eval_calibrator,
-            keep_ends_8bit=c.keep_ends_8bit,
-            batch_size=c.eval_batch_size,
+            bits=tuple(config_lib.parse_bits(c.eval.bits)),
+            method=c.eval.method,
+            iters=c.eval.iters,
+            n_calib=c.quant.n_calib,
+            calib_seed=c.quant.calib_seed,
+            calibrator=c.eval.calibrator,
+            keep_ends_8bit=c.quant.keep_ends_8bit,
+            batch_size=c.eval.batch_size,
         )
         return dataclasses.replace(s, **overrides)
 
@@ -67,19 +69,23 @@ def evaluate_variables(
     model, variables, ds: data.Dataset, settings: EvalSettings, progress: bool = True
 ) -> dict:
     """FP32 and PTQ top-1 (percent) on the full test split, plus the settings used."""
-    if settings.method not in METHODS:
-        raise ValueError(f"method: unknown {settings.method!r}; choose from {METHODS}")
-    from tqdm.auto import tqdm
-
+    methods = config_lib.ptq_methods()
+    if settings.method not in methods:
+        raise ConfigError(f"eval.method: unknown {settings.method!r}; choose from {methods}")
     test_x = np.asarray(data.normalize(ds.test_images, ds.mean, ds.std))
     calib = data.calibration_subset(ds, settings.n_calib, settings.calib_seed)
     calib_x = np.asarray(data.normalize(calib, ds.mean, ds.std))
+    # Round-to-nearest is every version's default; a reconstruction method gets its options.
+    options: dict[str, Any] = {}
+    if settings.method != "rtn":
+        options["method"] = settings.method
+        if settings.iters:
+            options["iters"] = settings.iters
     results: dict[str, Any] = {}
     t0 = time.time()
     bar = tqdm(total=1 + len(settings.bits), desc="PTQ eval", disable=not progress, unit="cfg")
-    results["fp32"] = make_accuracy_fn(model, settings.batch_size)(
-        variables, test_x, ds.test_labels
-    )
+    fp32 = make_accuracy_fn(model, settings.batch_size)
+    results["fp32"] = fp32(variables, test_x, ds.test_labels)
     bar.update(1)
     for wb, ab in settings.bits:
         qm = ptq.quantize(
@@ -91,6 +97,7 @@ def evaluate_variables(
             keep_ends_8bit=settings.keep_ends_8bit,
             w_calibrator="minmax",
             a_calibrator=settings.calibrator,
+            **options,
         )
         results[bits_name(wb, ab)] = ptq.accuracy(
             qm, test_x, ds.test_labels, batch_size=settings.batch_size
@@ -116,27 +123,30 @@ def format_table(results: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def write_results(path: str | os.PathLike, results: dict) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=True, default=float))
-    os.replace(tmp, path)
-
-
 def evaluate_workdir(
-    workdir: str, bits: str | None = None, method: str = "rtn", progress: bool = True
+    wd: str,
+    bits: str | None = None,
+    method: str | None = None,
+    iters: int | None = None,
+    progress: bool = True,
 ) -> dict:
-    """Evaluate the final variables of the run in `workdir`; writes workdir/ptq_results.json."""
-    from dnq_jax.run_setup import create_model, init_variables, load_dataset
+    """Evaluate the final variables of the run in `wd`; writes wd/ptq_results.json.
 
-    c = checkpoint.read_config(workdir)
-    ds = load_dataset(c)
-    model = create_model(c, ds.num_classes)
-    like = jax.device_get(init_variables(model, c, ds.image_shape))
-    variables = checkpoint.load_final(workdir, like)
-    settings = EvalSettings.from_config(c, method=method)
+    `bits`, `method` and `iters` default to the run's own `eval` settings.
+    """
+    c = workdir.read_config(wd)
+    ds = builders.load_dataset(c)
+    model = builders.create_model(c, ds.num_classes)
+    like = jax.device_get(builders.init_variables(model, c, ds.image_shape))
+    variables = checkpoint.load_final(wd, like)
+    overrides: dict[str, Any] = {}
     if bits:
-        settings = dataclasses.replace(settings, bits=tuple(cfg.parse_bits(bits)))
+        overrides["bits"] = tuple(config_lib.parse_bits(bits))
+    if method is not None:
+        overrides["method"] = method
+    if iters is not None:
+        overrides["iters"] = iters
+    settings = EvalSettings.from_config(c, **overrides)
     results = evaluate_variables(model, variables, ds, settings, progress=progress)
-    write_results(Path(workdir) / "ptq_results.json", results)
+    workdir.write_results(Path(wd) / "ptq_results.json", results)
     return results

@@ -26,6 +26,7 @@ class MetricWriter:
 
     def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True) -> None:
         self.path = Path(workdir) / "metrics.jsonl"
+        _end_torn_line(self.path)
         self._tb = None
         if tensorboard:
             try:
@@ -50,6 +51,16 @@ class MetricWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _end_torn_line(path: Path) -> None:
+    """A run killed mid-write may leave the file without its final newline; end that line
+    so the next row is not glued onto it (`read` skips the torn line alone)."""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
 
 
 def read(workdir: str | os.PathLike) -> list[dict]:

@@ -1,6 +1,6 @@
 """The demo: plain SGD vs DNQ on Fashion-MNIST, same budget, then RTN PTQ of both.
 
-  python -m dnq_jax.demo --workdir demo_out       (what `make demo` runs)
+  python -m dnq_jax.train.demo --workdir demo_out   (what `make demo` runs; also `dnq-demo`)
 
 Trains a small CIFAR-style ResNet twice for the same short budget, once plainly and once with
 DNQ (differential weight noise, activation drop-in, SWA), evaluates both at FP32, W8A8, W4A4
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import jax
 
-from dnq_jax import config as cfg
-from dnq_jax import metrics
 from dnq_jax.diagnostics import plots
-from dnq_jax.train import train_and_evaluate
+from dnq_jax.train import config as config_lib
+from dnq_jax.train import metrics
+from dnq_jax.train.loop import train_and_evaluate
 
 METHODS = ("sgd", "dnq")
 
@@ -33,22 +33,22 @@ def demo_config(method: str, epochs: int = 10):
     Clean for the first third of the epochs, then noise with lambda ramped over the next third,
     SWA over the last three epochs.
     """
-    c = cfg.base_config()
-    c.model = "resnet8"
-    c.dataset = "fashion_mnist"
-    c.method = method
-    c.batch_size = 128
-    c.steps_per_epoch = 60
-    c.num_epochs = epochs
-    c.learning_rate = 0.1
-    c.weight_decay = 5e-4
-    c.noise_start_epoch = epochs // 3
-    c.ramp_epochs = max(1, epochs // 3)
-    c.swa_start_epoch = max(0, epochs - 3)
-    c.eval_bits = "w8a8,w4a4,w2a4"
-    c.eval_every_epochs = 2
-    c.eval_batch_size = 1000
-    c.ckpt_every_epochs = 2
+    c = config_lib.apply_method(config_lib.base_config(), method)
+    c.model.name = "resnet8"
+    c.data.name = "fashion_mnist"
+    c.optim.batch_size = 128
+    c.optim.steps_per_epoch = 60
+    c.optim.num_epochs = epochs
+    c.optim.learning_rate = 0.1
+    c.optim.weight_decay = 5e-4
+    c.noise.start_epoch = epochs // 3
+    c.noise.ramp_epochs = max(1, epochs // 3)
+    c.swa.start_epoch = max(0, epochs - 3)
+    c.eval.bits = "w8a8,w4a4,w2a4"
+    c.eval.every_epochs = 2
+    c.eval.batch_size = 1000
+    c.runtime.ckpt_every_epochs = 2
+    c.lock()
     return c
 
 
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         wd = out / method
         results[method] = train_and_evaluate(demo_config(method, args.epochs), str(wd))
         curves[method] = [r for r in metrics.read(wd) if "epoch" in r]
-    keys = ["fp32"] + [f"w{w}a{a}" for w, a in cfg.parse_bits(demo_config("sgd").eval_bits)]
+    keys = ["fp32"] + [f"w{w}a{a}" for w, a in config_lib.parse_bits(demo_config("sgd").eval.bits)]
     lines = [
         f"\nFashion-MNIST test top-1 (%), resnet8, {args.epochs} epochs, RTN PTQ",
         "precision   " + "".join(f"{m.upper():>9}" for m in METHODS) + "   DNQ-SGD",

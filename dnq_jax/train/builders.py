@@ -1,0 +1,136 @@
+"""Build the parts of a run from its config: data, model, mesh, optimizer.
+
+Each builder is a plain function of the config (and of what an earlier builder returned);
+the loop in `loop.py` calls them in order, so its call sites show what depends on what.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dnq_jax import data, models
+from dnq_jax.errors import ConfigError, DataError
+from dnq_jax.train import optim
+from dnq_jax.train.state import init_key
+
+PyTree = Any
+
+
+def load_dataset(c: ml_collections.ConfigDict) -> data.Dataset:
+    """The config's dataset; a DataError says which config keys chose the files."""
+    try:
+        return data.load(
+            c.data.name,
+            data_dir=c.runtime.data_dir or None,
+            npz_path=c.runtime.npz_path or None,
+            tfds_data_dir=c.runtime.tfds_data_dir or None,
+            limit_train=c.data.limit_train or None,
+            limit_test=c.data.limit_test or None,
+        )
+    except DataError as e:
+        raise DataError(
+            f"data.name={c.data.name}: {e}. The files come from the config keys "
+            "runtime.npz_path, runtime.data_dir and runtime.tfds_data_dir: point them at a "
+            "good copy."
+        ) from e
+
+
+def steps_per_epoch(c: ml_collections.ConfigDict, ds: data.Dataset) -> int:
+    spe = c.optim.steps_per_epoch or ds.num_train // c.optim.batch_size
+    if spe < 1 or spe * c.optim.batch_size > ds.num_train:
+        raise ConfigError(
+            f"optim.steps_per_epoch: {spe} steps of batch {c.optim.batch_size} need "
+            f"{spe * c.optim.batch_size} images; {c.data.name} has {ds.num_train} training images"
+        )
+    return spe
+
+
+def compute_dtype(c: ml_collections.ConfigDict):
+    return jnp.bfloat16 if c.model.dtype == "bfloat16" else jnp.float32
+
+
+def create_model(c: ml_collections.ConfigDict, num_classes: int):
+    kwargs = {"width": c.model.width} if c.model.name == "mobilenet_v2" else {}
+    return models.create(c.model.name, num_classes=num_classes, dtype=compute_dtype(c), **kwargs)
+
+
+def init_variables(model, c: ml_collections.ConfigDict, image_shape) -> dict:
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    return jax.jit(lambda k: model.init(k, x, train=False))(init_key(c.seed))
+
+
+def create_optimizer(c: ml_collections.ConfigDict, spe: int) -> optax.GradientTransformation:
+    o, swa = c.optim, c.swa
+    return optim.make_optimizer(
+        learning_rate=o.learning_rate,
+        total_steps=spe * o.num_epochs,
+        steps_per_epoch=spe,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+        weight_decay=o.weight_decay,
+        warmup_steps=o.warmup_epochs * spe,
+        swa_start_epoch=swa.start_epoch if swa.enabled else None,
+        swa_lr=swa.lr,
+        sam_rho=o.sam_rho if o.sam else None,
+    )
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+    """A 1-D ('data',) mesh over the first `num_devices` devices (0 = all, on every host).
+
+    Params and state are replicated, batches split along 'data'; under `jax.jit` BatchNorm
+    statistics are global, so the model needs no axis names.
+    """
+    devices = jax.devices()
+    if num_devices < 0 or num_devices > len(devices):
+        raise ConfigError(
+            f"runtime.num_devices: {num_devices} requested but {len(devices)} "
+            f"{jax.default_backend()} device(s) are available"
+        )
+    devices = np.asarray(devices[: num_devices or len(devices)])
+    return Mesh(devices, ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+    """The shardings the trainer uses, by role."""
+    rep = NamedSharding(mesh, P())
+    return {
+        "replicated": rep,
+        "state": rep,
+        "data": rep,  # device-resident datasets are replicated; batches are gathered per step
+        "idx": NamedSharding(mesh, P(None, "data")),  # (steps, batch): split the batch
+    }
+
+
+def put(x: Any, sharding: NamedSharding) -> jax.Array:
+    """Place a host array with `sharding` (works on one host and across hosts)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def put_tree(tree: PyTree, sharding: NamedSharding) -> PyTree:
+    return jax.tree_util.tree_map(lambda a: jax.device_put(a, sharding), tree)
+
+
+def scans_steps(c: ml_collections.ConfigDict) -> bool:
+    """Whether a chunk's steps run in a rolled `lax.scan` (GPU/TPU) or straight-line (CPU).
+
+    XLA:CPU runs convolutions inside any loop many times slower than straight-line code.
+    """
+    if c.runtime.loop != "auto":
+        return c.runtime.loop == "scan"
+    return jax.default_backend() != "cpu"
+
+
+def device_description(mesh: Mesh) -> str:
+    d = mesh.devices.flat[0]
+    kind = getattr(d, "device_kind", d.platform)
+    return f"{mesh.size} x {kind} ({jax.default_backend()}, jax {jax.__version__})"

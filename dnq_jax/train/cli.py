@@ -1,0 +1,161 @@
+"""The command lines: `train.py` / `dnq-train` and `evaluate.py` / `dnq-evaluate`.
+
+Flags only; the work is `loop.train_and_evaluate(config, workdir)` and
+`evaluate.evaluate_workdir(workdir, ...)`. Expected failures print one paragraph (the
+traceback only with --verbose) and exit with the status `dnq_jax.errors.EXIT_CODES` gives
+them; anything else is a bug and keeps its traceback. Loading a config and reporting a bad
+one needs no JAX: the trainer is imported only once the flags are good.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import textwrap
+import traceback
+from collections.abc import Callable
+
+from dnq_jax import errors
+from dnq_jax.train import config as config_lib
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    """Train per --config in --workdir (resuming there), then print the PTQ table."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file (configs/*.py[:args]).", lock_config=True
+    )
+    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
+    flags.DEFINE_bool("verbose", False, "Show tracebacks for expected errors.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    _list_in_help("config", "workdir", "verbose")
+
+    def main(_):
+        f = flags.FLAGS
+        sys.exit(run_guarded(lambda: _train(f.config, f.workdir), f.verbose))
+
+    app.run(main, argv=argv, flags_parser=parse_flags)
+
+
+def _train(config, workdir: str) -> int:
+    _quiet_logs()
+    from dnq_jax.train import evaluate, loop
+
+    try:
+        results = loop.train_and_evaluate(config, workdir)
+    except errors.Preempted as e:
+        print(f"dnq_jax: {e}", file=sys.stderr)
+        return errors.EXIT_OK
+    print(evaluate.format_table(results, f"\nresults ({workdir}/results.json):"))
+    return errors.EXIT_OK
+
+
+def evaluate_main(argv: list[str] | None = None) -> None:
+    """PTQ-evaluate the final variables of the run in --workdir; print a table."""
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "A workdir written by train.py.")
+    flags.DEFINE_string("bits", None, "Comma-separated wXaY list; default: the run's eval.bits.")
+    flags.DEFINE_string("method", None, "PTQ method (rtn, ...); default: the run's eval.method.")
+    flags.DEFINE_integer("iters", None, "Reconstruction iterations; default: eval.iters.")
+    flags.DEFINE_bool("verbose", False, "Show tracebacks for expected errors.")
+    flags.mark_flags_as_required(["workdir"])
+    _list_in_help("workdir", "bits", "method", "iters", "verbose")
+
+    def main(_):
+        f = flags.FLAGS
+        sys.exit(run_guarded(lambda: _evaluate(f.workdir, f.bits, f.method, f.iters), f.verbose))
+
+    app.run(main, argv=argv, flags_parser=parse_flags)
+
+
+def _evaluate(workdir: str, bits: str | None, method: str | None, iters: int | None) -> int:
+    _quiet_logs()
+    from dnq_jax.train import evaluate
+
+    results = evaluate.evaluate_workdir(workdir, bits, method, iters)
+    used = results["settings"]["method"]
+    print(evaluate.format_table(results, f"{workdir} ({used}):"))
+    print(f"written: {workdir}/ptq_results.json")
+    return errors.EXIT_OK
+
+
+def _list_in_help(*names: str) -> None:
+    """absl's --help lists the flags of the program's main module; these are defined here."""
+    from absl import flags
+
+    for name in names:
+        flags.FLAGS.register_flag_by_module(sys.argv[0], flags.FLAGS[name])
+
+
+def _quiet_logs() -> None:
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
+
+
+def run_guarded(fn: Callable[[], int | None], verbose: bool) -> int:
+    """Run `fn`; print a clear message (traceback only with verbose) for expected errors."""
+    try:
+        return fn() or errors.EXIT_OK
+    except tuple(errors.EXIT_CODES) as e:
+        if verbose:
+            traceback.print_exc()
+        _print_error(type(e).__name__, str(e), verbose)
+        return errors.exit_code(e)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl `flags_parser` that reports bad flags and configs in one paragraph and exits 2.
+
+    absl would print a traceback for a config file that raises, or for `--config.KEY` with an
+    unknown KEY (the config is locked), before `main` could catch anything.
+    """
+    from absl import flags
+
+    try:
+        rest = flags.FLAGS(argv)
+        if "config" in flags.FLAGS and flags.FLAGS.config is not None:
+            # ml_collections defers a config file that failed to load to its first use.
+            flags.FLAGS.config.keys()
+        return rest
+    except Exception as e:  # every parse failure is a usage error
+        verbose = any(a in ("--verbose", "--verbose=true", "--verbose=1") for a in argv)
+        if verbose:
+            traceback.print_exc()
+        # The innermost ConfigError: config_flags re-raises it with a traceback in the text.
+        found = [x for x in _chain(e) if isinstance(x, errors.ConfigError)]
+        if found:
+            _print_error("ConfigError", str(found[-1]), verbose)
+        elif (unknown := _unknown_override(argv)) is not None:
+            _print_error("ConfigError", unknown, verbose)
+        else:
+            text = str(e).split("Traceback (most recent call last)")[0]
+            text = " ".join(text.split()) or type(e).__name__
+            _print_error(type(e).__name__, f"{text} (see --helpshort for the flags)", verbose)
+        sys.exit(errors.USAGE_EXIT)
+
+
+def _print_error(kind: str, message: str, verbose: bool) -> None:
+    msg = textwrap.fill(f"error ({kind}): {message}", width=100, break_long_words=False)
+    print(msg + ("" if verbose else "\n(run with --verbose for the traceback)"), file=sys.stderr)
+
+
+def _chain(e: BaseException | None):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """The first `--config.KEY=...` whose KEY is not a config key, as a message."""
+    known = set(config_lib.flat(config_lib.base_config()))
+    for arg in argv:
+        m = re.match(r"--config\.([A-Za-z_][\w.]*?)(=|$)", arg)
+        if m and m.group(1) not in known:
+            return config_lib.unknown_key_message(m.group(1), f"given as {arg}")
+    return None

@@ -1,0 +1,408 @@
+"""The training configuration: groups of keys, the method presets, validation, the resume rule.
+
+`base_config()` holds every key the trainer reads, in groups (`model`, `data`, `optim`,
+`noise`, `quant`, `swa`, `eval`, `runtime`) plus the root `seed`. `build(arg)` is what
+`configs/*.py` call: base config, then the method preset (`method=sgd` sets the ablation
+switches), then the `smoke`/`fast` presets and `group.key=value` pairs, so the config passed
+to the trainer is the one that runs and the one written to config.json.
+
+Resume rule: the groups in `RESUME_FREE_GROUPS` (`eval`, `runtime`) say how a run is watched,
+stored, placed and where its files are; they may change when a run resumes. Every other key
+decides the sequence of states the run computes and must match the run's config.json.
+
+This module imports no JAX, so loading a config file stays cheap.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+
+import ml_collections
+
+from dnq_jax.errors import ConfigError
+
+# method -> (noise.weight, noise.act, swa.enabled, optim.sam): the ablations of docs/method.md.
+METHODS = {
+    "sgd": ("none", False, False, False),
+    "swa": ("none", False, True, False),
+    "wqn": ("differential", False, False, False),
+    "aqn": ("none", True, False, False),
+    "dnq": ("differential", True, True, False),
+    "naive": ("naive", True, True, False),
+    "accumulate": ("accumulate", True, True, False),
+    "sam": ("none", False, False, True),
+}
+WEIGHT_NOISE = ("none", "differential", "naive", "accumulate")
+MASKS = ("uniform", "salience")
+RAMPS = ("linear", "cosine", "exp")
+DTYPES = ("float32", "bfloat16")
+CALIBRATORS = ("minmax", "percentile", "mse")
+LOOPS = ("auto", "scan", "unroll")
+PRESETS = ("smoke", "fast")
+RESUME_FREE_GROUPS = ("eval", "runtime")
+
+
+def ptq_methods() -> tuple[str, ...]:
+    """PTQ methods the evaluation may use: `dnq_jax.ptq.METHODS` where the library has it."""
+    from dnq_jax import ptq  # the PTQ library, only when a method is checked
+
+    return tuple(getattr(ptq, "METHODS", ("rtn",)))
+
+
+# (key, default, meaning): the README's config reference is generated from this table.
+KEYS: tuple[tuple[str, object, str], ...] = (
+    ("seed", 0, "root PRNG seed (init, data order, augmentation, noise)"),
+    (
+        "model.name",
+        "resnet20",
+        "zoo name: resnet8/20/32/56, resnet18/50, mobilenet_v1/v2, vgg16_bn",
+    ),
+    ("model.width", 1.0, "width multiplier (mobilenet_v2 only)"),
+    ("model.dtype", "float32", "compute dtype: float32 or bfloat16 (params stay float32)"),
+    (
+        "data.name",
+        "cifar10_jpeg",
+        "cifar10_jpeg, fashion_mnist, cifar10, cifar100, mnist, synthetic",
+    ),
+    ("data.limit_train", 0, "use a fixed sample of N training images (0 = all)"),
+    ("data.limit_test", 0, "use a fixed sample of N test images (0 = all)"),
+    ("optim.num_epochs", 400, "epochs"),
+    ("optim.steps_per_epoch", 0, "0 = num_train // batch_size"),
+    ("optim.batch_size", 64, "global batch (split over devices)"),
+    ("optim.learning_rate", 0.015, "peak learning rate of the cosine schedule"),
+    ("optim.warmup_epochs", 0, "linear learning-rate warm-up"),
+    ("optim.momentum", 0.9, "SGD momentum"),
+    ("optim.nesterov", True, "Nesterov momentum"),
+    ("optim.weight_decay", 1e-3, "coupled L2 on kernels"),
+    ("optim.label_smoothing", 0.1, "label smoothing of the cross-entropy"),
+    ("optim.sam", False, "SAM (optax.contrib.sam), the flat-minimum baseline (method=sam)"),
+    ("optim.sam_rho", 0.05, "SAM neighbourhood radius"),
+    ("noise.weight", "differential", "weight noise: none, differential, naive, accumulate"),
+    ("noise.act", True, "activation drop-in on every Conv/Dense input"),
+    ("noise.start_epoch", 200, "first epoch with noise (clean warm-up before)"),
+    ("noise.ramp_epochs", 80, "length of the lambda ramp"),
+    ("noise.ramp", "linear", "ramp shape: linear, cosine, exp"),
+    ("noise.lambda_max", 1.0, "noise scale at the end of the ramp"),
+    ("noise.rho", 0.5, "drop-in mask rate"),
+    ("noise.mask", "uniform", "drop-in mask: uniform or salience"),
+    ("noise.tau", 1.0, "salience softmax temperature"),
+    ("noise.ema_decay", 0.9, "EMA of the profiled error statistics"),
+    ("noise.w_bits", 2, "weight bit-width of the modelled quantizer"),
+    ("noise.a_bits", 4, "activation bit-width of the modelled quantizer"),
+    ("quant.keep_ends_8bit", True, "first and last layer at 8 bits (profiler and evaluation)"),
+    ("quant.n_calib", 100, "calibration images (profiler and evaluation)"),
+    ("quant.calib_seed", 0, "seed of the calibration subset"),
+    ("swa.enabled", True, "stochastic weight averaging (from method)"),
+    ("swa.start_epoch", 300, "SWA averages the epochs from this one on"),
+    ("swa.lr", None, "constant learning rate from the SWA start (None: keep the cosine)"),
+    ("swa.bn_recalibration", True, "re-estimate BatchNorm statistics for the averaged weights"),
+    ("eval.every_epochs", 1, "FP32 test accuracy every N epochs"),
+    ("eval.batch_size", 500, "evaluation batch"),
+    ("eval.bits", "w8a8,w4a4,w2a4,w2a2", "PTQ bit-widths evaluated at the end"),
+    ("eval.calibrator", "minmax", "activation range calibrator: minmax, percentile, mse"),
+    ("eval.method", "rtn", "PTQ method of the final evaluation (dnq_jax.ptq)"),
+    ("eval.iters", 0, "reconstruction iterations of the PTQ method (0 = its default)"),
+    ("runtime.num_devices", 0, "devices in the data mesh (0 = all)"),
+    ("runtime.chunk_steps", 0, "steps per jitted call; 0 = a whole epoch on GPU/TPU, 1 on CPU"),
+    ("runtime.loop", "auto", "steps of a chunk: scan, unroll (straight-line), auto (scan off CPU)"),
+    ("runtime.ckpt_every_epochs", 10, "checkpoint cadence"),
+    ("runtime.keep_checkpoints", 2, "checkpoints kept"),
+    ("runtime.progress", True, "progress bar"),
+    (
+        "runtime.rollback_on_nan",
+        False,
+        "on a non-finite step: restore the last checkpoint, halve lambda",
+    ),
+    ("runtime.npz_path", "", "cifar10_jpeg file ('' = ../shared/data/ beside the repository)"),
+    ("runtime.data_dir", "", "decoded-data cache ('' = ./data_cache)"),
+    ("runtime.tfds_data_dir", "", "TFDS data_dir ('' = the TFDS default)"),
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every configuration key with its default: DNQ on ResNet-20/CIFAR-10, paper protocol."""
+    c = ml_collections.ConfigDict()
+    for key, default, _ in KEYS:
+        group, _, leaf = key.rpartition(".")
+        node = c
+        if group:
+            if group not in c:
+                c[group] = ml_collections.ConfigDict()
+            node = c[group]
+        if default is None:
+            node[leaf] = ml_collections.config_dict.placeholder(float)
+        else:
+            node[leaf] = default
+    return c
+
+
+def build(arg: str | None = None, **defaults) -> ml_collections.ConfigDict:
+    """The locked config of a config-file argument such as 'smoke,method=sgd,optim.lr=0.1'.
+
+    Order: base config, `defaults` (a configs/*.py file's own keys, dotted names), the
+    method preset, then the presets (`smoke`, `fast`), then the `key=value` pairs.
+    """
+    words, pairs = split_arg(arg)
+    c = base_config()
+    apply_pairs(c, [f"{k}={v}" for k, v in defaults.items() if k != "method"])
+    methods = [p for p in pairs if p.split("=", 1)[0].strip() == "method"]
+    method = methods[-1].split("=", 1)[1].strip() if methods else defaults.get("method", "dnq")
+    apply_method(c, method)
+    if "smoke" in words:
+        smoke(c)
+    if "fast" in words:
+        fast(c)
+    apply_pairs(c, [p for p in pairs if p not in methods])
+    c.lock()
+    return c
+
+
+def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+    """Set the four ablation switches of `method` (sgd, swa, wqn, aqn, dnq, naive, ...)."""
+    if method not in METHODS:
+        raise ConfigError(f"method: unknown {method!r}; choose from {sorted(METHODS)}")
+    c.noise.weight, c.noise.act, c.swa.enabled, c.optim.sam = METHODS[method]
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A few steps of a tiny model on synthetic data: every stage runs (warm-up, noise, SWA)."""
+    c.model.name = "resnet8"
+    c.data.name = "synthetic"
+    c.data.limit_train, c.data.limit_test = 256, 128
+    c.optim.batch_size, c.optim.steps_per_epoch, c.optim.num_epochs = 32, 4, 4
+    c.optim.learning_rate = 0.05
+    c.noise.start_epoch, c.noise.ramp_epochs = 1, 2
+    c.swa.start_epoch = 2
+    c.quant.n_calib = 16
+    c.eval.batch_size, c.eval.bits = 64, "w8a8,w4a4"
+    c.runtime.ckpt_every_epochs = 1
+    return c
+
+
+def fast(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The same protocol scaled to 40 epochs (noise from 20, SWA over the last 10)."""
+    c.optim.num_epochs = 40
+    c.noise.start_epoch, c.noise.ramp_epochs = 20, 8
+    c.swa.start_epoch = 30
+    return c
+
+
+def uses_noise(c: ml_collections.ConfigDict) -> bool:
+    return c.noise.weight != "none" or bool(c.noise.act)
+
+
+def method_name(c: ml_collections.ConfigDict) -> str:
+    """The preset the switches match, or 'custom'."""
+    switches = (c.noise.weight, bool(c.noise.act), bool(c.swa.enabled), bool(c.optim.sam))
+    return next((m for m, s in METHODS.items() if s == switches), "custom")
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _one_of(c: ml_collections.ConfigDict, key: str, allowed) -> None:
+    value = flat(c)[key]
+    _check(value in allowed, key, f"unknown {value!r}; choose from {tuple(allowed)}")
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raise ConfigError naming the key for anything out of range or contradictory.
+
+    `num_devices`, if given, checks that the batch divides evenly over them.
+    """
+    from dnq_jax import data, models  # the registries of the lower floors
+
+    _one_of(c, "model.name", models.names())
+    _one_of(c, "data.name", data.NAMES)
+    for key in ("data.limit_train", "data.limit_test", "runtime.num_devices", "eval.iters"):
+        _check(flat(c)[key] >= 0, key, f"must be >= 0, got {flat(c)[key]}")
+    o, n, s, e, r = c.optim, c.noise, c.swa, c.eval, c.runtime
+    _check(c.model.width > 0, "model.width", f"must be positive, got {c.model.width}")
+    _one_of(c, "model.dtype", DTYPES)
+    _check(o.num_epochs >= 1, "optim.num_epochs", f"must be positive, got {o.num_epochs}")
+    _check(o.batch_size >= 1, "optim.batch_size", f"must be positive, got {o.batch_size}")
+    _check(o.steps_per_epoch >= 0, "optim.steps_per_epoch", "must be >= 0 (0 = derived)")
+    _check(o.learning_rate > 0, "optim.learning_rate", f"must be positive, got {o.learning_rate}")
+    _check(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(0 <= o.label_smoothing < 1, "optim.label_smoothing", "must be in [0, 1)")
+    _check(0 <= o.warmup_epochs < o.num_epochs, "optim.warmup_epochs", "must be in [0, num_epochs)")
+    for key in ("noise.w_bits", "noise.a_bits"):
+        bits = flat(c)[key]
+        _check(isinstance(bits, int) and 2 <= bits <= 16, key, f"must be 2..16, got {bits}")
+    _check(0 <= n.rho <= 1, "noise.rho", f"must be in [0, 1], got {n.rho}")
+    _check(n.tau > 0, "noise.tau", f"must be positive, got {n.tau}")
+    _check(0 <= n.ema_decay < 1, "noise.ema_decay", f"must be in [0, 1), got {n.ema_decay}")
+    _check(n.lambda_max >= 0, "noise.lambda_max", f"must be >= 0, got {n.lambda_max}")
+    _one_of(c, "noise.ramp", RAMPS)
+    _one_of(c, "noise.mask", MASKS)
+    _one_of(c, "noise.weight", WEIGHT_NOISE)
+    _one_of(c, "eval.calibrator", CALIBRATORS)
+    _one_of(c, "eval.method", ptq_methods())
+    _one_of(c, "runtime.loop", LOOPS)
+    _check(c.quant.n_calib >= 1, "quant.n_calib", f"must be positive, got {c.quant.n_calib}")
+    for key in ("eval.batch_size", "eval.every_epochs", "runtime.ckpt_every_epochs"):
+        _check(flat(c)[key] >= 1, key, "must be positive")
+    _check(r.keep_checkpoints >= 1, "runtime.keep_checkpoints", "must be positive")
+    _check(r.chunk_steps >= 0, "runtime.chunk_steps", "must be >= 0 (0 = automatic)")
+    parse_bits(e.bits)
+    if uses_noise(c):
+        _check(
+            0 <= n.start_epoch < o.num_epochs,
+            "noise.start_epoch",
+            f"must be in [0, optim.num_epochs={o.num_epochs}) when noise is on, got "
+            f"{n.start_epoch}",
+        )
+    if s.enabled:
+        _check(
+            0 <= s.start_epoch < o.num_epochs,
+            "swa.start_epoch",
+            f"the SWA window must lie inside the run: need 0 <= swa.start_epoch < "
+            f"optim.num_epochs={o.num_epochs}, got {s.start_epoch}",
+        )
+    _check(
+        not (o.sam and n.weight == "accumulate"),
+        "optim.sam",
+        "SAM and noise.weight='accumulate' both rewrite the params; use one",
+    )
+    if s.lr is not None:
+        _check(s.enabled, "swa.lr", "is set but SWA is off (method / swa.enabled)")
+        _check(s.lr > 0, "swa.lr", f"must be positive, got {s.lr}")
+    if o.sam:
+        _check(o.sam_rho > 0, "optim.sam_rho", f"must be positive when SAM is on, got {o.sam_rho}")
+    if num_devices is not None:
+        _check(
+            o.batch_size % num_devices == 0,
+            "optim.batch_size",
+            f"{o.batch_size} is not divisible by the {num_devices} devices in use",
+        )
+
+
+def flat(c: ml_collections.ConfigDict | dict) -> dict:
+    """{'group.key': value} for every key (the spelling of KEYS and of error messages)."""
+    d = c.to_dict() if isinstance(c, ml_collections.ConfigDict) else c
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in flat(v).items()})
+        else:
+            out[k] = v
+    return out
+
+
+def resume_conflicts(saved: dict, c: ml_collections.ConfigDict) -> list[str]:
+    """Keys outside RESUME_FREE_GROUPS whose value differs from the `saved` run's config."""
+    old, new = flat(saved), flat(c)
+    free = lambda k: k.split(".", 1)[0] in RESUME_FREE_GROUPS
+    return sorted(k for k in set(old) | set(new) if not free(k) and old.get(k) != new.get(k))
+
+
+def to_json(c: ml_collections.ConfigDict) -> str:
+    return json.dumps(c.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json_text(text: str, source: str = "config.json") -> ml_collections.ConfigDict:
+    """The locked config a run wrote as JSON (its config.json), checked like a new one.
+
+    Keys missing from an older file take today's defaults. Raises ConfigError, naming
+    `source`, for text that is not a JSON object, an unknown key, or a value out of range.
+    """
+    try:
+        saved = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source} is not valid JSON ({e}); the workdir is damaged.") from e
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{source} holds {type(saved).__name__}, expected a JSON object")
+    c = base_config()
+    unknown = sorted(set(flat(saved)) - set(flat(c)))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; written by another version?")
+    try:
+        c.update(saved)
+        validate(c)
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{source}: {e}. Fix or restore the file.") from None
+    c.lock()
+    return c
+
+
+def parse_bits(spec: str) -> list[tuple[int, int]]:
+    """'w8a8,w4a4' -> [(8, 8), (4, 4)]; raises ConfigError on malformed or out-of-range bits."""
+    out = []
+    for item in [s.strip().lower() for s in spec.split(",") if s.strip()]:
+        try:
+            w, a = item.removeprefix("w").split("a")
+            wb, ab = int(w), int(a)
+        except ValueError:
+            raise ConfigError(f"eval.bits: cannot read {item!r}; write e.g. 'w4a4,w2a4'") from None
+        _check(2 <= wb <= 16 and 2 <= ab <= 16, "eval.bits", f"{item}: bits must be 2..16")
+        out.append((wb, ab))
+    return out
+
+
+def split_arg(arg: str | None) -> tuple[set[str], list[str]]:
+    """Split a config-file argument such as 'smoke,optim.lr=0.1' into presets and pairs."""
+    words, pairs = set(), []
+    for item in [s.strip() for s in (arg or "").split(",") if s.strip()]:
+        if "=" in item:
+            pairs.append(item)
+        elif item in PRESETS:
+            words.add(item)
+        else:
+            raise ConfigError(f"config argument {item!r}: not key=value nor one of {PRESETS}")
+    return words, pairs
+
+
+def apply_pairs(c: ml_collections.ConfigDict, pairs: list[str]) -> ml_collections.ConfigDict:
+    """Set `group.key=value` items on `c`, each value parsed as the key's type."""
+    known = flat(base_config())
+    for item in pairs:
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key not in known:
+            raise ConfigError(unknown_key_message(key, f"given as {item!r}"))
+        group, _, leaf = key.rpartition(".")
+        node = c[group] if group else c
+        current = known[key] if node[leaf] is None else node[leaf]
+        try:
+            node[leaf] = _parse(value, current)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{key}: cannot set {value!r}: {e}") from None
+    return c
+
+
+def _parse(value: str, like):
+    if isinstance(like, bool) or value.lower() in ("true", "false"):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(value)
+        return value.lower() in ("true", "1")
+    if like is None:  # an optional float (swa.lr)
+        return None if value.lower() == "none" else float(value)
+    return type(like)(value) if isinstance(like, (int, float)) else value
+
+
+def unknown_key_message(key: str, how: str) -> str:
+    """A one-line ConfigError text for an unknown key, with the nearest known one."""
+    known = sorted(flat(base_config()))
+    if key == "method":
+        return (
+            f"method: not a config key ({how}); it is a preset of the config file's "
+            "argument: --config=configs/resnet.py:method=sgd"
+        )
+    near = difflib.get_close_matches(key, known + [k.split(".")[-1] for k in known], n=1)
+    if near and near[0] not in known:  # a bare leaf name: name its group
+        near = [k for k in known if k.endswith("." + near[0])][:1]
+    hint = f" Did you mean {near[0]!r}?" if near else ""
+    return f"{key}: unknown config key ({how}).{hint} Known: {', '.join(known)}"
+
+
+def reference_table() -> str:
+    """The README's config reference (a markdown table), generated from KEYS."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, meaning in KEYS:
+        shown = "''" if default == "" else default
+        rows.append(f"| `{key}` | {shown} | {meaning} |")
+    return "\n".join(rows)

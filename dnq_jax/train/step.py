@@ -1,0 +1,175 @@
+"""The jitted, sharded train step of DNQ (and of every ablation), and chunks of steps.
+
+One pure step: gather the batch from device-resident data, augment it, draw this step's
+differential weight noise and activation drop-in from keys folded from the step number, take
+the gradient at the noisy point and apply it to the latent (clean) weights. Steps run in
+chunks: `lax.scan` on GPU/TPU (one dispatch per chunk) and straight-line code on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from dnq_jax import data, taps
+from dnq_jax.dnq import noise
+from dnq_jax.train.state import (
+    KEY_ACT_NOISE,
+    KEY_AUGMENT,
+    KEY_WEIGHT_NOISE,
+    TrainState,
+    root_key,
+    sub_key,
+)
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """The static (compile-time) settings of a train step."""
+
+    weight_noise: str = "none"  # none | differential | naive | accumulate
+    act_noise: bool = False
+    rho: float = 0.5
+    mask: str = "uniform"
+    tau: float = 1.0
+    label_smoothing: float = 0.0
+    sam: bool = False
+    pad: int = 0
+    flip: bool = False
+
+    @classmethod
+    def from_config(cls, c, dataset_name: str) -> StepSettings:
+        n = c.noise
+        return cls(
+            weight_noise=n.weight,
+            act_noise=bool(n.act),
+            rho=n.rho,
+            mask=n.mask,
+            tau=n.tau,
+            label_smoothing=c.optim.label_smoothing,
+            sam=bool(c.optim.sam),
+            **data.augment_config(dataset_name),
+        )
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
+    onehot = jax.nn.one_hot(labels, logits.shape[-1])
+    if smoothing:
+        onehot = optax.smooth_labels(onehot, smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot).mean()
+
+
+def make_train_step(
+    model: nn.Module,
+    graph: taps.Graph,
+    tx: optax.GradientTransformation,
+    s: StepSettings,
+    mean: jax.Array,
+    std: jax.Array,
+    dtype: Any = jnp.float32,
+) -> Callable:
+    """fn(state, images_u8, labels, idx_b, lam, noise_on) -> (state, metrics) for one step.
+
+    `noise_on` is a Python bool (static): the warm-up compiles a step without any noise op.
+    A step whose loss, gradients or new state are not finite reports `finite=False`; its
+    state is then to be discarded (the loop stops or rolls back to the last checkpoint).
+    """
+
+    def step(state: TrainState, images_u8, labels, idx_b, lam, noise_on: bool):
+        root, t = root_key(state), state.step
+        k_t, k_prev = noise.step_keys(sub_key(root, KEY_WEIGHT_NOISE), t)
+        x, y = images_u8[idx_b], labels[idx_b]
+        if s.pad or s.flip:
+            aug_key = jax.random.fold_in(sub_key(root, KEY_AUGMENT), t)
+            x = data.augment(aug_key, x, pad=s.pad, flip=s.flip)
+        x = data.normalize(x, mean, std, dtype)
+        stats = state.noise_stats
+
+        def loss_fn(params):
+            p = params
+            if noise_on and s.weight_noise in ("differential", "naive"):
+                p = noise.weight_noise(p, graph, stats, k_t, k_prev, lam, mode=s.weight_noise)
+            ctx = contextlib.nullcontext()
+            if noise_on and s.act_noise:
+                act_key = jax.random.fold_in(sub_key(root, KEY_ACT_NOISE), t)
+                fn = noise.activation_noise_fn(
+                    graph, stats, act_key, lam, batch=x.shape[0], rho=s.rho, mask=s.mask, tau=s.tau
+                )
+                ctx = taps.map_inputs(fn)
+            with ctx:
+                variables = state.variables(p)
+                logits, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+            loss = cross_entropy(logits, y, s.label_smoothing)
+            return loss, (upd.get("batch_stats", {}), logits)
+
+        (loss, (new_bs, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        extra = {}
+        if s.sam:
+            extra["grad_fn"] = lambda p, _: jax.grad(lambda q: loss_fn(q)[0])(p)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params, **extra)
+        new_params = optax.apply_updates(state.params, updates)
+        if noise_on and s.weight_noise == "accumulate":
+            sample = noise.weight_sample(new_params, graph, stats, k_t, lam)
+            new_params = jax.tree_util.tree_map(jnp.add, new_params, sample)
+        # Over the gradients and everything the step writes, so whatever poisons them (SAM's
+        # second gradient, the accumulate sample, an optimizer overflow) is seen.
+        written = (grads, new_params, new_bs, new_opt)
+        finite = jnp.isfinite(loss) & jnp.isfinite(_max_abs(written))
+        new_state = state.replace(
+            step=t + 1, params=new_params, batch_stats=new_bs, opt_state=new_opt
+        )
+        metrics = {
+            "loss": loss,
+            "correct": jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.int32),
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    return step
+
+
+def _max_abs(tree: PyTree) -> jax.Array:
+    """max |x| over all float leaves: NaN or inf exactly when some entry is (no overflow)."""
+    leaves = [
+        x.ravel().astype(jnp.float32)
+        for x in jax.tree_util.tree_leaves(tree)
+        if x.size and jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    # One reduction over the concatenation: one per leaf is a kernel each for XLA to compile.
+    return jnp.max(jnp.abs(jnp.concatenate(leaves))) if leaves else jnp.zeros([], jnp.float32)
+
+
+def make_chunk_fn(step: Callable, scan: bool, shardings: dict | None = None) -> Callable:
+    """jit(fn(state, images_u8, labels, idx (K, B), lam, noise_on) -> (state, metrics (K,))).
+
+    The K steps run in one rolled `lax.scan` (`scan=True`, for GPU/TPU) or as straight-line
+    code (for XLA:CPU, which runs convolutions inside any loop, even a scan unrolled, about
+    10x slower). The state argument is donated. `shardings` (optional) gives the 'state',
+    'data', 'idx' and 'replicated' NamedShardings.
+    """
+
+    def chunk(state, images_u8, labels, idx, lam, noise_on):
+        body = lambda st, idx_b: step(st, images_u8, labels, idx_b, lam, noise_on)
+        if scan:
+            return jax.lax.scan(body, state, idx)
+        outs = []
+        for k in range(idx.shape[0]):
+            state, m = body(state, idx[k])
+            outs.append(m)
+        return state, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+
+    kwargs: dict = {"static_argnums": (5,), "donate_argnums": (0,)}
+    if shardings is not None:
+        sh = shardings
+        kwargs["in_shardings"] = (sh["state"], sh["data"], sh["data"], sh["idx"], sh["replicated"])
+        kwargs["out_shardings"] = (sh["state"], sh["replicated"])
+    return jax.jit(chunk, **kwargs)
