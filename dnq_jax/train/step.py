@@ -106,7 +106,9 @@ def make_train_step(
                 )
                 ctx = taps.map_inputs(fn)
             with ctx:
-                variables = state.variables(p)
+                # The iteration index of scanned stacks, for the per-site drop-in (a no-op
+                # for models without stacks).
+                variables = taps.prepare(state.variables(p), graph)
                 logits, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
             loss = cross_entropy(logits, y, s.label_smoothing)
             return loss, (upd.get("batch_stats", {}), logits)
