@@ -387,3 +387,20 @@ def test_evaluate_cli_on_a_finished_run(reference, tmp_path):
     assert measured["w8a8"] == pytest.approx(trained["w8a8"], abs=1e-9)
     assert measured["settings"]["bits"] == ["w8a8", "w4a4"]
     assert measured["settings"]["method"] == "rtn" and 0 <= measured["w4a4"] <= 100
+
+
+def test_evaluate_cli_with_a_reconstruction_method(reference, tmp_path):
+    """evaluate.py --method qdrop reconstructs each block and records, per bit-width, each
+    block's output error before and after, the settings and the wall time."""
+    wd = tmp_path / "wd"
+    shutil.copytree(reference, wd, ignore=shutil.ignore_patterns("checkpoints"))
+    cmd = [sys.executable, "evaluate.py", f"--workdir={wd}", "--bits=w4a4", "--method=qdrop"]
+    r = _run([*cmd, "--iters=2"])
+    assert r.returncode == 0, r.stderr
+    measured = json.loads((wd / "ptq_results.json").read_text())
+    assert measured["settings"]["method"] == "qdrop" and measured["settings"]["iters"] == 2
+    report = measured["reconstruction"]["w4a4"]
+    assert report["method"] == "qdrop" and report["settings"]["drop_prob"] == 0.5
+    assert [b["block"] for b in report["blocks"]][0] == "stem_conv" and report["time_s"] > 0
+    assert all(b["loss_before"] >= 0 and b["loss_after"] >= 0 for b in report["blocks"])
+    assert 0 <= measured["w4a4"] <= 100

@@ -103,6 +103,7 @@ class _Runner:
     def fisher(self, block, params, ranges, enabled, images, p_logits, batch) -> PyTree:
         """BRECQ's Fisher weights ``(|g| + 1)^2`` of the block's output, ``g`` the gradient
         of the batch-mean KL(float || quantized) over batches of `batch` images."""
+        batch = min(batch, self.n)
         shapes = jax.eval_shape(self.capture, params, ranges, enabled, images[:batch])
         zeros = {name: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out)
                  for name, (_, out) in shapes.items()}  # fmt: skip

@@ -44,10 +44,10 @@ RESUME_FREE_GROUPS = ("eval", "runtime")
 
 
 def ptq_methods() -> tuple[str, ...]:
-    """PTQ methods the evaluation may use: `dnq_jax.ptq.METHODS` where the library has it."""
-    from dnq_jax import ptq  # the PTQ library, only when a method is checked
+    """PTQ methods the evaluation may use (`dnq_jax.ptq.METHODS`)."""
+    from dnq_jax.ptq import methods  # the PTQ library, loaded only when a method is checked
 
-    return tuple(getattr(ptq, "METHODS", ("rtn",)))
+    return methods.METHODS
 
 
 # (key, default, meaning): the README's config reference is generated from this table.

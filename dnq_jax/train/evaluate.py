@@ -75,13 +75,11 @@ def evaluate_variables(
     test_x = np.asarray(data.normalize(ds.test_images, ds.mean, ds.std))
     calib = data.calibration_subset(ds, settings.n_calib, settings.calib_seed)
     calib_x = np.asarray(data.normalize(calib, ds.mean, ds.std))
-    # Round-to-nearest is every version's default; a reconstruction method gets its options.
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"method": settings.method}
     if settings.method != "rtn":
-        options["method"] = settings.method
-        if settings.iters:
-            options["iters"] = settings.iters
+        options.update(iters=settings.iters or None, progress=progress)
     results: dict[str, Any] = {}
+    reports: dict[str, Any] = {}
     t0 = time.time()
     bar = tqdm(total=1 + len(settings.bits), desc="PTQ eval", disable=not progress, unit="cfg")
     fp32 = make_accuracy_fn(model, settings.batch_size)
@@ -102,8 +100,13 @@ def evaluate_variables(
         results[bits_name(wb, ab)] = ptq.accuracy(
             qm, test_x, ds.test_labels, batch_size=settings.batch_size
         )
+        if settings.method != "rtn":
+            # Each block's output error before and after, the settings and the wall time.
+            reports[bits_name(wb, ab)] = qm.report
         bar.update(1)
     bar.close()
+    if reports:
+        results["reconstruction"] = reports
     results["settings"] = {
         **dataclasses.asdict(settings),
         "bits": [bits_name(*b) for b in settings.bits],
@@ -123,6 +126,15 @@ def format_table(results: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
+def load_run(wd: str) -> tuple[ml_collections.ConfigDict, Any, Any, data.Dataset]:
+    """``(config, model, final variables, dataset)`` of the finished run in `wd`."""
+    c = workdir.read_config(wd)
+    ds = builders.load_dataset(c)
+    model = builders.create_model(c, ds.num_classes)
+    like = jax.device_get(builders.init_variables(model, c, ds.image_shape))
+    return c, model, checkpoint.load_final(wd, like), ds
+
+
 def evaluate_workdir(
     wd: str,
     bits: str | None = None,
@@ -134,11 +146,7 @@ def evaluate_workdir(
 
     `bits`, `method` and `iters` default to the run's own `eval` settings.
     """
-    c = workdir.read_config(wd)
-    ds = builders.load_dataset(c)
-    model = builders.create_model(c, ds.num_classes)
-    like = jax.device_get(builders.init_variables(model, c, ds.image_shape))
-    variables = checkpoint.load_final(wd, like)
+    c, model, variables, ds = load_run(wd)
     overrides: dict[str, Any] = {}
     if bits:
         overrides["bits"] = tuple(config_lib.parse_bits(bits))
