@@ -34,3 +34,11 @@ def test_dnq_noise_in_your_own_train_step_example(capsys):
     # five re-profilings compiled the step once.
     assert ns["train_step"]._cache_size() == 1
     assert int(ns["stats"].count) == 5
+
+
+def test_reconstruction_ptq_example(capsys):
+    ns = run_section("Reconstruction PTQ: AdaRound, BRECQ, QDrop")
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()] == ["stem", "block", "head"]
+    report = ns["qm"].report
+    assert report["method"] == "qdrop" and report["settings"]["iters"] == 100
