@@ -6,7 +6,8 @@
 #
 # 1. benchmarks/train_speed.py for ResNet-20 at batch 128 fp32 and at batch 512 bf16, each
 #    with the scanned-epoch timing (--epoch), the second also with the no-noise,
-#    weight-noise-only and drop-in-only steps (--breakdown);
+#    weight-noise-only and drop-in-only steps (--breakdown); then benchmarks/ptq_speed.py
+#    (QDrop of ResNet-20 per block, with the projected full 20,000-iteration run);
 # 2. the noise, profiler, quantizer and trainer tests on the GPU backend (tests whose
 #    premise is CPU-only, such as 8 host devices, skip themselves).
 # The speed figures come first: they are what a short loan of a GPU is for.
@@ -28,6 +29,7 @@ export PYTHONPATH=".:${PYTHONPATH:-}"
   "$py" benchmarks/train_speed.py --steps 50 --compile-repeats 1 --epoch
   "$py" benchmarks/train_speed.py --dtype bfloat16 --batch 512 --steps 50 --compile-repeats 1 \
     --epoch --breakdown
+  "$py" benchmarks/ptq_speed.py --methods qdrop --iters 2000
   DNQ_TEST_JAX_CACHE=/tmp/dnq_gpu_cache "$py" -m pytest -q -p no:cacheprovider \
     tests/test_dnq_noise.py tests/test_profiler.py tests/test_quant.py tests/test_train.py \
     2>&1 | tail -n 25
