@@ -138,6 +138,12 @@ def test_only_the_eval_and_runtime_groups_may_change_on_resume():
     saved = resnet.get_config("smoke").to_dict()
     free = resnet.get_config("smoke,eval.bits=w4a4,runtime.chunk_steps=2,runtime.npz_path=x")
     assert cfg.resume_conflicts(saved, free) == []
+    # A key newer than the saved run counts at its default, the behaviour the run had.
+    older = {**saved, "noise": {k: v for k, v in saved["noise"].items() if k != "w_scale"}}
+    assert cfg.resume_conflicts(older, free) == []
+    assert cfg.resume_conflicts(older, resnet.get_config("smoke,noise.w_scale=0.5")) == [
+        "noise.w_scale"
+    ]
     changed = resnet.get_config("smoke,optim.learning_rate=0.1,quant.n_calib=8,seed=1")
     assert cfg.resume_conflicts(saved, changed) == [
         "optim.learning_rate",

@@ -227,3 +227,37 @@ def test_step_reports_a_poisoned_new_state_as_not_finite():
     new, m = run(state(np.nan))
     assert np.isfinite(m["loss"]) and not np.all(np.isfinite(new.params["Dense_0"]["kernel"]))
     assert not bool(m["finite"])
+
+
+def test_w_scale_scales_only_the_weight_perturbation():
+    """noise.w_scale multiplies the weight perturbation: with weight noise alone, the step at
+    lambda 0.5 and w_scale 0.5 is the step at lambda 0.25 and w_scale 1, and w_scale 0 is the
+    clean step."""
+    model = _Linear()
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 4), dtype=np.uint8))
+    labels = jnp.arange(8, dtype=jnp.int32) % 3
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+    graph = taps.trace(model, variables, jnp.zeros((2, 4)))
+    tx = optax.sgd(0.1)
+    stats = init_stats(graph).replace(w_sigma={"Dense_0": jnp.full((3,), 0.3, jnp.float32)})
+    state = TrainState(
+        step=jnp.ones([], jnp.int32),
+        params=variables["params"],
+        batch_stats={},
+        opt_state=tx.init(variables["params"]),
+        noise_stats=stats,
+        rng=jax.random.key_data(jax.random.key(1)),
+        lam_scale=jnp.ones([], jnp.float32),
+    )
+
+    def loss(w_scale, lam, noise_on=True):
+        settings = StepSettings(weight_noise="differential", w_scale=w_scale)
+        step = make_train_step(
+            model, graph, tx, settings, jnp.full((4,), 0.5), jnp.full((4,), 0.25)
+        )
+        _, m = step(state, images, labels, jnp.arange(8), jnp.float32(lam), noise_on)
+        return float(m["loss"])
+
+    assert loss(0.5, 0.5) == pytest.approx(loss(1.0, 0.25), rel=1e-6)
+    assert loss(0.0, 0.5) == pytest.approx(loss(1.0, 0.5, noise_on=False), rel=1e-6)
+    assert loss(1.0, 0.5) != pytest.approx(loss(1.0, 0.5, noise_on=False), rel=1e-4)

@@ -84,6 +84,12 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     ("noise.ramp_epochs", 80, "length of the lambda ramp"),
     ("noise.ramp", "linear", "ramp shape: linear, cosine, exp"),
     ("noise.lambda_max", 1.0, "noise scale at the end of the ramp"),
+    (
+        "noise.w_scale",
+        1.0,
+        "weight perturbation x this (0.7071: the differential form's variance equals the "
+        "modelled error's)",
+    ),
     ("noise.rho", 0.5, "drop-in mask rate"),
     ("noise.mask", "uniform", "drop-in mask: uniform or salience"),
     ("noise.tau", 1.0, "salience softmax temperature"),
@@ -238,6 +244,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _check(n.tau > 0, "noise.tau", f"must be positive, got {n.tau}")
     _check(0 <= n.ema_decay < 1, "noise.ema_decay", f"must be in [0, 1), got {n.ema_decay}")
     _check(n.lambda_max >= 0, "noise.lambda_max", f"must be >= 0, got {n.lambda_max}")
+    _check(n.w_scale >= 0, "noise.w_scale", f"must be >= 0, got {n.w_scale}")
     _one_of(c, "noise.ramp", RAMPS)
     _one_of(c, "noise.mask", MASKS)
     _one_of(c, "noise.weight", WEIGHT_NOISE)
@@ -295,8 +302,12 @@ def flat(c: ml_collections.ConfigDict | dict) -> dict:
 
 
 def resume_conflicts(saved: dict, c: ml_collections.ConfigDict) -> list[str]:
-    """Keys outside RESUME_FREE_GROUPS whose value differs from the `saved` run's config."""
-    old, new = flat(saved), flat(c)
+    """Keys outside RESUME_FREE_GROUPS whose value differs from the `saved` run's config.
+
+    A key the saved config lacks (it predates the key) counts at today's default, which is
+    the behaviour the run had.
+    """
+    old, new = {**flat(base_config()), **flat(saved)}, flat(c)
     free = lambda k: k.split(".", 1)[0] in RESUME_FREE_GROUPS
     return sorted(k for k in set(old) | set(new) if not free(k) and old.get(k) != new.get(k))
 

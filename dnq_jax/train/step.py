@@ -37,6 +37,7 @@ class StepSettings:
     """The static (compile-time) settings of a train step."""
 
     weight_noise: str = "none"  # none | differential | naive | accumulate
+    w_scale: float = 1.0  # the weight perturbation's scale relative to lambda
     act_noise: bool = False
     rho: float = 0.5
     mask: str = "uniform"
@@ -51,6 +52,7 @@ class StepSettings:
         n = c.noise
         return cls(
             weight_noise=n.weight,
+            w_scale=float(n.w_scale),
             act_noise=bool(n.act),
             rho=n.rho,
             mask=n.mask,
@@ -97,7 +99,8 @@ def make_train_step(
         def loss_fn(params):
             p = params
             if noise_on and s.weight_noise in ("differential", "naive"):
-                p = noise.weight_noise(p, graph, stats, k_t, k_prev, lam, mode=s.weight_noise)
+                w_lam = lam * s.w_scale
+                p = noise.weight_noise(p, graph, stats, k_t, k_prev, w_lam, mode=s.weight_noise)
             ctx = contextlib.nullcontext()
             if noise_on and s.act_noise:
                 act_key = jax.random.fold_in(sub_key(root, KEY_ACT_NOISE), t)
@@ -120,7 +123,7 @@ def make_train_step(
         updates, new_opt = tx.update(grads, state.opt_state, state.params, **extra)
         new_params = optax.apply_updates(state.params, updates)
         if noise_on and s.weight_noise == "accumulate":
-            sample = noise.weight_sample(new_params, graph, stats, k_t, lam)
+            sample = noise.weight_sample(new_params, graph, stats, k_t, lam * s.w_scale)
             new_params = jax.tree_util.tree_map(jnp.add, new_params, sample)
         # Over the gradients and everything the step writes, so whatever poisons them (SAM's
         # second gradient, the accumulate sample, an optimizer overflow) is seen.
