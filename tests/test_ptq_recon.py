@@ -75,14 +75,11 @@ def net():
 
 @pytest.fixture(scope="module")
 def results(net):
-    """RTN and every reconstruction method at W2A4 with the same seed (and QDrop at p=0)."""
+    """RTN and every reconstruction method at W2A4 with the same seed."""
     model, variables, calib, _, _ = net
     out = {"rtn": ptq.quantize(model, variables, calib, **W2A4)}
     for method in ("adaround", "brecq", "qdrop"):
         out[method] = ptq.quantize(model, variables, calib, **W2A4, method=method, iters=ITERS)
-    out["qdrop_p0"] = ptq.quantize(
-        model, variables, calib, **W2A4, method="qdrop", iters=ITERS, drop_prob=0.0
-    )
     return out
 
 
@@ -147,13 +144,6 @@ def test_lsq_fake_quant_matches_the_range_quantizer_and_passes_gradients():
     )
     g = jax.grad(lambda s: jnp.sum(rounding.lsq_fake_quant(x, s, zero, 4) ** 2))(scale)
     assert np.isfinite(g) and g != 0
-
-
-def _codes(qm, graph):
-    """Every quantized kernel's integer codes (per channel grid of its RTN range)."""
-    for layer in graph.layers:
-        w = np.asarray(taps.get_kernel(qm.variables["params"], layer), np.float64)
-        yield layer, w
 
 
 @pytest.mark.parametrize("method", ["adaround", "brecq", "qdrop"])
@@ -231,16 +221,6 @@ def test_first_block_output_is_closer_after_reconstruction(net, results):
         assert float(jnp.mean((q - fp) ** 2)) < float(jnp.mean((r - fp) ** 2))
 
 
-def test_qdrop_without_dropping_is_brecq(results):
-    a, b = results["qdrop_p0"], results["brecq"]
-    jax.tree.map(np.testing.assert_array_equal, a.variables, b.variables)
-    jax.tree.map(np.testing.assert_array_equal, a.act_ranges, b.act_ranges)
-    keys = ("block", "layers", "loss_before", "loss_after")
-    assert [{k: blk[k] for k in keys} for blk in a.report["blocks"]] == [
-        {k: blk[k] for k in keys} for blk in b.report["blocks"]
-    ]
-
-
 def test_learned_activation_ranges_stay_on_a_grid_with_the_same_zero_point(results):
     rtn, qm = results["rtn"], results["brecq"]
     moved = 0
@@ -259,34 +239,44 @@ class MLP(nn.Module):
         return nn.Dense(4, name="head")(nn.relu(nn.Dense(16, name="fc")(x)))
 
 
-def test_chunking_and_the_scanned_path_give_the_same_result(monkeypatch):
-    """The GPU/TPU path (iterations inside lax.scan) forced on CPU equals straight-line code,
-    and the chunk size does not change the result."""
+@pytest.fixture(scope="module")
+def mlp():
     model = MLP()
     x = jax.random.normal(jax.random.key(0), (48, 12))
     variables = model.init(jax.random.key(1), x)
-    run = lambda **o: ptq.quantize(
-        model, variables, x, **W2A4, method="qdrop", iters=4, keep_ends_8bit=False,
-        recon_options=o,
+    run = lambda method="qdrop", **kw: ptq.quantize(
+        model, variables, x, **W2A4, method=method, iters=4, keep_ends_8bit=False, **kw
     )  # fmt: skip
-    one = run(chunk=1)
-    three = run(chunk=3)  # a chunk of 3, then one of 1
+    return run, run(recon_options={"chunk": 1})
+
+
+def test_qdrop_without_dropping_is_brecq(mlp):
+    run, _ = mlp
+    a, b = run(drop_prob=0.0), run("brecq")
+    jax.tree.map(np.testing.assert_array_equal, a.variables, b.variables)
+    jax.tree.map(np.testing.assert_array_equal, a.act_ranges, b.act_ranges)
+    keys = ("block", "layers", "loss_before", "loss_after")
+    assert [{k: blk[k] for k in keys} for blk in a.report["blocks"]] == [
+        {k: blk[k] for k in keys} for blk in b.report["blocks"]
+    ]
+
+
+def test_the_scanned_path_and_its_chunks_give_the_straight_line_result(mlp, monkeypatch):
+    """The GPU/TPU path (iterations inside lax.scan, here chunks of 3 then 1) forced on CPU
+    equals the straight-line path of one iteration per call."""
+    run, one = mlp
     monkeypatch.setattr(reconstruct, "_uses_scan", lambda: True)
-    scanned = run(chunk=4)
-    assert scanned.report["settings"]["chunk"] == 4
-    rtn = ptq.quantize(model, variables, x, **W2A4, keep_ends_8bit=False)
-    assert any(
-        not np.array_equal(a, b)
-        for a, b in zip(jax.tree.leaves(one.variables), jax.tree.leaves(rtn.variables))
+    scanned = run(recon_options={"chunk": 3})
+    assert scanned.report["settings"]["chunk"] == 3 and one.report["settings"]["chunk"] == 1
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        one.variables["params"],
+        scanned.variables["params"],
     )
-    for other in (three, scanned):
-        jax.tree.map(
-            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-            one.variables["params"],
-            other.variables["params"],
-        )
-        for site in one.act_ranges:
-            np.testing.assert_allclose(one.act_ranges[site], other.act_ranges[site], rtol=1e-5)
+    for site in one.act_ranges:
+        np.testing.assert_allclose(one.act_ranges[site], scanned.act_ranges[site], rtol=1e-5)
+    moved = [b["loss_after"] != b["loss_before"] for b in one.report["blocks"]]
+    assert any(moved)
 
 
 def test_blocks_override_and_its_errors(net):

@@ -108,7 +108,8 @@ def error_setup(
     those of `ptq.quantize`.
     """
     apply_kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
-    qm = ptq.quantize(
+    # The evaluation's own calibration; its folded float variables are the reference.
+    cal = ptq.calibrate_model(
         model,
         variables,
         calib_images,
@@ -119,12 +120,12 @@ def error_setup(
         a_calibrator=a_calibrator,
         fold_bn=fold_bn,
         apply_kwargs=apply_kwargs,
-        batch_size=batch_size,
+        calib_batch_size=batch_size,
         calib_options=calib_options,
     )
+    qm = ptq.round_to_nearest(cal)
     if fold_bn:
-        probe = calib_images[: min(batch_size, calib_images.shape[0])]
-        fp_vars, _ = fold.fold_batchnorm(model, variables, probe, graph=qm.graph, **apply_kwargs)
+        fp_vars = cal.variables
     else:
         fp_vars = {**variables, fold.FOLDED_BIAS: {}}
     return ErrorSetup(qmodel=qm, fp_variables=fp_vars, fold_bn=fold_bn)

@@ -15,7 +15,14 @@ from dnq_jax.ptq.calibration import (
 )
 from dnq_jax.ptq.fold import apply_folded, fold_batchnorm, foldable_pairs, folded
 from dnq_jax.ptq.methods import METHODS, quantize
-from dnq_jax.ptq.rtn import Calibrated, QuantizedModel, accuracy, calibrate_model, fp32
+from dnq_jax.ptq.rtn import (
+    Calibrated,
+    QuantizedModel,
+    accuracy,
+    calibrate_model,
+    fp32,
+    round_to_nearest,
+)
 
 __all__ = [
     "METHODS",
@@ -36,4 +43,5 @@ __all__ = [
     "quantize",
     "quantize_kernel",
     "quantize_weights",
+    "round_to_nearest",
 ]
