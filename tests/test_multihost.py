@@ -1,12 +1,14 @@
 """Several processes (`jax.distributed`) on one machine: two processes on 127.0.0.1, each
 with 2 CPU devices (gloo collectives), against one process with 4 devices.
 
-Each run is `train.py` as a subprocess, as a user on two hosts would start it; all runs of a
-test start together (they compile mostly on one core each).
+Each run is `train.py` as a subprocess, as a user on two hosts would start it. The one- and
+two-process runs start together; the two-process run is SIGKILLed (one process) after its
+first checkpoint and restarted, so one pair of runs checks both the result and the resume.
 """
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -97,39 +99,34 @@ def _top_level(workdir) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One process x 4 devices, two processes x 2 devices, and two processes of which one is
-    SIGKILLed after the first checkpoint and both are restarted."""
+    """One process x 4 devices, and alongside it two processes x 2 devices of which one is
+    SIGKILLed after the first checkpoint, then both restarted (the same commands)."""
     base = tmp_path_factory.mktemp("multihost")
     t0 = time.time()
     one = _start(base / "one", 1, 4)
-    two = _start(base / "two", 2, 2)
-    killed = base / "killed"
-    victim = _start(killed, 2, 2)
-    while not any(checkpoint.is_finalized(killed / "checkpoints" / str(s)) for s in _steps(killed)):
+    two = base / "two"
+    victim = _start(two, 2, 2)
+    while not any(checkpoint.is_finalized(two / "checkpoints" / str(s)) for s in _steps(two)):
         assert all(p.poll() is None for p in victim), [p.communicate() for p in victim]
         assert time.time() - t0 < 300, "no checkpoint within 300 s"
         time.sleep(0.02)
+    killed_at = max(_steps(two))
     victim[1].kill()  # SIGKILL: the survivor stops at its next collective, or is killed
     try:
         victim[0].wait(timeout=20)
     except subprocess.TimeoutExpired:
         victim[0].kill()
-    for p in victim:
-        p.communicate()
-    step_killed = max(_steps(killed))
-    resumed = _finish(_start(killed, 2, 2))
-    out = {
-        "one": (base / "one", _finish(one)),
-        "two": (base / "two", _finish(two)),
-        "killed": (killed, resumed),
-        "step_killed": step_killed,
-        "seconds": time.time() - t0,
-    }
-    print(f"multihost runs: {out['seconds']:.1f} s")
+    first = [p.communicate() for p in victim]
+    resumed = _finish(_start(two, 2, 2))
+    out = {"one": (base / "one", _finish(one)), "two": (two, resumed)}
+    out["killed_at"], out["first"] = killed_at, first
+    print(f"multihost runs: {time.time() - t0:.1f} s")
     return out
 
 
 def test_two_processes_give_the_one_process_result(runs):
+    """Killed and resumed, the two-process run ends as the uninterrupted one-process run
+    (losses up to float reassociation, the same accuracies)."""
     (one, _), (two, outs) = runs["one"], runs["two"]
     rows1, rows2 = metrics.read(one), metrics.read(two)
     assert [r["epoch"] for r in rows1] == [r["epoch"] for r in rows2] == [1, 2, 3]
@@ -144,32 +141,37 @@ def test_two_processes_give_the_one_process_result(runs):
         _final_params(two),
         _final_params(one),
     )
-    assert "4 x cpu" in outs[0][0]  # one mesh over both processes' devices
+    assert "4 x cpu" in runs["first"][0][0]  # one mesh over both processes' devices
     # Process 0 alone logs and prints the table.
     assert "results (" in outs[0][0] and "results (" not in outs[1][0]
-    assert "dnq_jax: training" not in outs[1][0]
+    assert "dnq_jax:" not in outs[1][0] and "dnq_jax:" not in runs["first"][1][0]
 
 
 def test_each_file_is_written_once(runs):
     (one, _), (two, _) = runs["one"], runs["two"]
-    assert _top_level(two) == _top_level(one)
-    assert _top_level(two) == [
-        "checkpoints",
-        "config.json",
-        "events",
-        "final",
-        "metrics.jsonl",
-        "results.json",
-    ]
+    # TensorBoard starts an event file each time a run starts (here: started and resumed),
+    # as with one process; not one per process.
+    assert _top_level(one).count("events") == 1 and _top_level(two).count("events") == 2
+    assert (
+        sorted(set(_top_level(two)))
+        == _top_level(one)
+        == [
+            "checkpoints",
+            "config.json",
+            "events",
+            "final",
+            "metrics.jsonl",
+            "results.json",
+        ]
+    )
     assert _steps(two) == _steps(one) == [8, 12]
     assert len(metrics.read(two)) == 3  # one row per epoch, not one per process
     assert checkpoint.is_finalized(two / "final")
+    assert not [p for p in (two / "checkpoints").iterdir() if ocp.utils.is_tmp_checkpoint(p)]
 
 
-def test_sigkill_of_one_process_then_both_restarted_finishes_as_uninterrupted(runs):
-    (killed, outs), (two, _) = runs["killed"], runs["two"]
-    assert "resumed from step" in outs[0][0], outs[0]
-    jax.tree_util.tree_map(np.testing.assert_array_equal, _final_params(killed), _final_params(two))
-    r, want = (json.loads((w / "results.json").read_text()) for w in (killed, two))
-    assert (r["fp32"], r["w8a8"], r["steps"]) == (want["fp32"], want["w8a8"], want["steps"])
-    assert not [p for p in (killed / "checkpoints").iterdir() if ocp.utils.is_tmp_checkpoint(p)]
+def test_sigkill_of_one_process_then_both_restarted_resumes(runs):
+    (_, outs), killed_at = runs["two"], runs["killed_at"]
+    found = re.search(r"resumed from step (\d+)", outs[0][0])
+    assert found is not None, outs[0]
+    assert killed_at >= 4 and int(found.group(1)) >= killed_at
