@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: venv demo test lint format fashion-mnist bench clean
+.PHONY: venv demo test test-orbax-floor lint format fashion-mnist bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,18 @@ demo: venv fashion-mnist
 
 test: venv fashion-mnist
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# The checkpoint fault tests again with the lowest orbax-checkpoint pyproject.toml allows
+# (its own venv: the pinned requirements, then that version over them).
+ORBAX_FLOOR := 0.11.17
+FLOOR_VENV := $(VENV)/orbax-floor
+test-orbax-floor: fashion-mnist
+	@test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q -r requirements-dev.txt
+	$(FLOOR_VENV)/bin/python -m pip install -q "orbax-checkpoint==$(ORBAX_FLOOR)"
+	$(FLOOR_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_faults.py \
+	  -k "sigkill or sigterm or torn or marker or evaluate_cli_on"
 
 lint: venv
 	$(BIN)/ruff check .

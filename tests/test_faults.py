@@ -86,7 +86,7 @@ def _wait_for_checkpoint(proc, workdir, timeout=240) -> int:
     t0 = time.time()
     while time.time() - t0 < timeout:
         ck = Path(workdir) / "checkpoints"
-        done = [s for s in _steps(workdir) if (ck / str(s) / checkpoint.COMMIT_MARKER).exists()]
+        done = [s for s in _steps(workdir) if checkpoint.is_finalized(ck / str(s))]
         if done:
             return done[0]
         assert proc.poll() is None, f"run ended before any checkpoint: {proc.communicate()}"
@@ -147,7 +147,7 @@ def test_sigkill_at_a_random_moment_resumes_bit_exactly(reference, tmp_path):
     assert again.returncode == 0, again.stderr
     assert "resumed from step" in again.stdout, f"killed {delay:.2f}s after the checkpoint"
     _assert_same_params(_final_params(reference), _final_params(wd))
-    assert not [p for p in (wd / "checkpoints").iterdir() if checkpoint.TMP_MARK in p.name]
+    assert not [p for p in (wd / "checkpoints").iterdir() if ocp.utils.is_tmp_checkpoint(p)]
 
 
 def test_sigterm_saves_exits_zero_and_the_rerun_matches(reference, tmp_path):
@@ -183,23 +183,43 @@ def test_torn_and_unreadable_checkpoints_are_never_restored(reference, tmp_path)
     ck.mkdir(parents=True)
     shutil.copy(reference / "config.json", wd)
     shutil.copytree(reference / "checkpoints" / "8", ck / "8")
-    # A save killed before its rename, a torn copy without the commit marker, and a
-    # complete-looking checkpoint whose array files are gone.
-    (ck / "12.orbax-checkpoint-tmp-1700000000").mkdir()
-    (ck / "12.orbax-checkpoint-tmp-1700000000" / "junk").write_bytes(b"\0" * 64)
-    shutil.copytree(reference / "checkpoints" / "12", ck / "16")
-    (ck / "16" / checkpoint.COMMIT_MARKER).unlink()
+    # A save killed before its rename (Orbax's temporary name), and a complete-looking
+    # checkpoint whose array files are gone.
+    tmp = ck / "12.orbax-checkpoint-tmp-1700000000"
+    tmp.mkdir()
+    (tmp / "junk").write_bytes(b"\0" * 64)
+    assert ocp.utils.is_tmp_checkpoint(tmp) and not checkpoint.is_finalized(tmp)
     shutil.copytree(reference / "checkpoints" / "12", ck / "12")
     shutil.rmtree(ck / "12" / "default")
     r = _run(_train_cmd(wd))
     assert r.returncode == 0, r.stderr
-    assert "removed incomplete checkpoint(s) ['12.orbax-checkpoint-tmp-1700000000', '16']" in (
-        r.stdout
-    )
+    assert "incomplete checkpoint(s) moved aside" in r.stdout
+    assert "12.orbax-checkpoint-tmp-1700000000 -> 12.incomplete" in r.stdout
     assert "checkpoint 12 unreadable" in r.stdout and "resumed from step 8" in r.stdout
     _assert_same_params(_final_params(reference), _final_params(wd))
-    assert (ck / "12.unreadable").is_dir()  # moved aside, not deleted
-    assert _steps(wd) == [8, 12] and (ck / "12" / checkpoint.COMMIT_MARKER).exists()
+    # Both moved aside, not deleted, with their contents.
+    assert (ck / "12.unreadable").is_dir()
+    assert (ck / "12.incomplete" / "junk").read_bytes() == b"\0" * 64
+    assert _steps(wd) == [8, 12] and checkpoint.is_finalized(ck / "12")
+
+
+def test_checkpoints_without_orbax_marker_files_are_kept_and_resumed(reference, tmp_path):
+    """How Orbax versions that finalise by rename alone leave a local checkpoint (no marker
+    file): the trainer keeps every one, resumes from the newest, and ends as before."""
+    wd = tmp_path / "wd"
+    shutil.copytree(reference, wd)
+    for p in wd.rglob("commit_success.txt"):  # none with versions that never write it
+        p.unlink()
+    before = _listing(wd / "checkpoints")
+    r = _run(_train_cmd(wd))
+    assert r.returncode == 0, r.stderr
+    assert "moved aside" not in r.stdout and "unreadable" not in r.stdout
+    assert "resumed from step 12" in r.stdout
+    assert _listing(wd / "checkpoints") == before  # nothing removed, nothing moved
+    _assert_same_params(_final_params(reference), _final_params(wd))
+    got, want = (json.loads((w / "results.json").read_text()) for w in (wd, reference))
+    for k in ("fp32", "w8a8", "steps", "swa_snapshots"):
+        assert got[k] == want[k], k
 
 
 def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(runs, reference):

@@ -84,7 +84,8 @@ def create_optimizer(c: ml_collections.ConfigDict, spe: int) -> optax.GradientTr
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
-    """A 1-D ('data',) mesh over the first `num_devices` devices (0 = all, on every host).
+    """A 1-D ('data',) mesh over the first `num_devices` devices (0 = all, on every host;
+    with several processes only 0 or the full count).
 
     Params and state are replicated, batches split along 'data'; under `jax.jit` BatchNorm
     statistics are global, so the model needs no axis names.
@@ -94,6 +95,12 @@ def make_mesh(num_devices: int = 0) -> Mesh:
         raise ConfigError(
             f"runtime.num_devices: {num_devices} requested but {len(devices)} "
             f"{jax.default_backend()} device(s) are available"
+        )
+    if jax.process_count() > 1 and num_devices not in (0, len(devices)):
+        raise ConfigError(
+            f"runtime.num_devices: {num_devices} of {len(devices)} devices with "
+            f"{jax.process_count()} processes; use 0 (all): every process must own part "
+            "of the mesh"
         )
     devices = np.asarray(devices[: num_devices or len(devices)])
     return Mesh(devices, ("data",), axis_types=(jax.sharding.AxisType.Auto,))

@@ -5,19 +5,24 @@ Under a workdir (see `workdir.py` for the rest of it):
   final/               the variables the run ends with (SWA-averaged, BN re-estimated)
 
 Resume order: the newest complete checkpoint under checkpoints/, restored into the shape and
-sharding of a freshly initialised state. Orbax writes each checkpoint into a
-`<step>.orbax-checkpoint-tmp-*` folder, writes `commit_success.txt` into it last, and renames
-it when complete. So a run killed mid-save leaves either such a tmp folder or (on a file
-system without atomic renames, or after a torn copy) a step folder without the marker: both
-are removed before the manager lists the steps, and neither is ever restored. A complete-
-looking checkpoint whose files cannot be read is moved aside to `<step>.unreadable` (never
-deleted) when an older one restores instead.
+sharding of a freshly initialised state. Whether a step folder is complete is Orbax's own
+answer (`ocp.utils.is_checkpoint_finalized` / `is_tmp_checkpoint`): on a local or network file
+system Orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it when complete (the rename
+is the commit; some versions also leave a marker file, which no code here relies on); on an
+object store it writes in place and commits with a marker file. Nothing is ever deleted on the
+strength of a file name: a folder Orbax calls unfinished is moved aside to
+`<step>.incomplete` and reported, and a complete-looking checkpoint whose files cannot be read
+is moved aside to `<step>.unreadable` when an older one restores instead.
+
+Several processes (`jax.distributed`): every process calls the save and restore functions
+(Orbax coordinates their writes); the moving aside is done by process 0 alone, followed by a
+barrier.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,39 +31,65 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from dnq_jax.errors import CheckpointError
+from dnq_jax.train import workdir as workdir_lib
 
 PyTree = Any
 
-# Orbax's names (orbax/checkpoint/_src/path/atomicity_types.py); they are not public API.
-TMP_MARK = ".orbax-checkpoint-tmp"
-COMMIT_MARKER = "commit_success.txt"
+
+def is_finalized(path: str | os.PathLike) -> bool:
+    """Whether Orbax considers the checkpoint folder `path` complete (public Orbax API)."""
+    path = epath.Path(path)
+    return not ocp.utils.is_tmp_checkpoint(path) and bool(ocp.utils.is_checkpoint_finalized(path))
 
 
-def sweep_incomplete(directory: str | os.PathLike) -> list[str]:
-    """Remove what interrupted saves left in `directory`; return the names removed.
+def _looks_unfinished(p: Path) -> bool:
+    if not p.is_dir():
+        return False
+    if ocp.utils.is_tmp_checkpoint(epath.Path(p)):
+        return True
+    return p.name.isdigit() and not is_finalized(p)
 
-    Only one trainer writes a workdir, and saves are synchronous, so anything unfinished that
-    is found before the run starts belongs to a process that is gone.
+
+def set_aside(p: Path, suffix: str) -> Path:
+    """Rename `p` to `<leading name>.<suffix>` (`-2`, `-3`, ... if taken); never deletes."""
+    base = re.match(r"[^.]+", p.name).group(0)
+    aside = p.with_name(f"{base}.{suffix}")
+    n = 2
+    while aside.exists():
+        aside = p.with_name(f"{base}.{suffix}-{n}")
+        n += 1
+    os.replace(p, aside)
+    return aside
+
+
+def set_aside_incomplete(directory: str | os.PathLike) -> list[tuple[str, str]]:
+    """Move what interrupted saves left in `directory` to `<step>.incomplete`.
+
+    Returns (old name, new name) pairs. Saves are synchronous, so anything unfinished found
+    before a run starts belongs to a process that is gone. Call on process 0 only.
     """
     directory = Path(directory)
-    removed = []
     if not directory.is_dir():
-        return removed
+        return []
+    moved = []
     for p in sorted(directory.iterdir()):
-        unfinished = TMP_MARK in p.name
-        unmarked = p.name.isdigit() and p.is_dir() and not (p / COMMIT_MARKER).exists()
-        if unfinished or unmarked:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-            removed.append(p.name)
-    return removed
+        if _looks_unfinished(p):
+            moved.append((p.name, set_aside(p, "incomplete").name))
+    return moved
 
 
 def manager(workdir: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
-    """The run's CheckpointManager over workdir/checkpoints, after sweeping torn saves."""
+    """The run's CheckpointManager over workdir/checkpoints, after setting torn saves aside."""
     directory = Path(workdir).absolute() / "checkpoints"
-    removed = sweep_incomplete(directory)
-    if removed:
-        print(f"dnq_jax: removed incomplete checkpoint(s) {removed} in {directory}", flush=True)
+    if workdir_lib.is_primary():
+        moved = set_aside_incomplete(directory)
+        if moved:
+            listed = ", ".join(f"{a} -> {b}" for a, b in moved)
+            print(
+                f"dnq_jax: incomplete checkpoint(s) moved aside in {directory}: {listed}",
+                flush=True,
+            )
+    workdir_lib.barrier("dnq_jax_checkpoints_swept")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=False
     )
@@ -141,11 +172,12 @@ def restore_latest(mngr: ocp.CheckpointManager, like: PyTree) -> PyTree | None:
         except Exception as e:  # it fits but cannot be read: damaged files
             failures.append((step, f"{type(e).__name__}: {str(e)[:200]}"))
             continue
-        for bad, why in failures:
-            aside = directory / f"{bad}.unreadable"
-            os.replace(directory / str(bad), aside)
-            print(f"dnq_jax: checkpoint {bad} unreadable ({why}); moved to {aside}", flush=True)
         if failures:
+            if workdir_lib.is_primary():
+                for bad, why in failures:
+                    aside = set_aside(directory / str(bad), "unreadable")
+                    print(f"dnq_jax: checkpoint {bad} unreadable ({why}); moved to {aside}")
+            workdir_lib.barrier("dnq_jax_unreadable_set_aside")
             mngr.reload()
         return restored
     if failures:
@@ -158,27 +190,45 @@ def restore_latest(mngr: ocp.CheckpointManager, like: PyTree) -> PyTree | None:
 
 
 def save_final(workdir: str | os.PathLike, variables: PyTree) -> None:
-    """Save the run's final variables ({'params', 'batch_stats'}) under workdir/final."""
+    """Save the run's final variables ({'params', 'batch_stats'}) under workdir/final.
+
+    Every process calls it (Orbax writes once); what a run killed mid-save left is moved aside.
+    """
     path = Path(workdir).absolute() / "final"
-    for leftover in path.parent.glob(f"final{TMP_MARK}*"):  # from a run killed mid-save
-        shutil.rmtree(leftover, ignore_errors=True)
+    if workdir_lib.is_primary():
+        for leftover in _final_leftovers(path):
+            aside = set_aside(leftover, "incomplete")
+            print(f"dnq_jax: unfinished final save moved aside to {aside}", flush=True)
+    workdir_lib.barrier("dnq_jax_final_swept")
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(path, variables, force=True)
     ckptr.wait_until_finished()
 
 
+def _final_leftovers(path: Path) -> list[Path]:
+    """Orbax's temporary folders of `path` (a save of it that did not finish)."""
+    return [
+        p
+        for p in sorted(path.parent.glob(f"{path.name}.*"))
+        if p.is_dir() and ocp.utils.is_tmp_checkpoint(epath.Path(p))
+    ]
+
+
 def load_final(workdir: str | os.PathLike, like: PyTree) -> PyTree:
     """The final variables of a run, restored into the structure of `like`."""
     path = Path(workdir).absolute() / "final"
+    torn = (path.exists() and not is_finalized(path)) or (
+        not path.exists() and _final_leftovers(path)
+    )
+    if torn:
+        raise CheckpointError(
+            f"{path} is incomplete (Orbax did not finalise it): the run was stopped while "
+            "saving it. Re-run the same train.py command to redo the final stage."
+        )
     if not path.exists():
         raise CheckpointError(
             f"{path} does not exist: the run in {workdir} has not finished (no final "
             "variables). Finish or resume it with train.py, or point --workdir at a finished run."
-        )
-    if not (path / COMMIT_MARKER).exists():
-        raise CheckpointError(
-            f"{path} is incomplete (no {COMMIT_MARKER}): the run was stopped while saving it. "
-            "Re-run the same train.py command to redo the final stage."
         )
     diff = _difference(path, like)
     if diff is not None:

@@ -5,6 +5,10 @@ Flags only; the work is `loop.train_and_evaluate(config, workdir)` and
 traceback only with --verbose) and exit with the status `dnq_jax.errors.EXIT_CODES` gives
 them; anything else is a bug and keeps its traceback. Loading a config and reporting a bad
 one needs no JAX: the trainer is imported only once the flags are good.
+
+Several hosts: `--coordinator_address`, `--num_processes` and `--process_id` are passed to
+`jax.distributed.initialize`; `--distributed` alone lets JAX read them from the cluster's
+environment (SLURM, Open MPI, Cloud TPU pods, ...). Without any of them: one process.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ def train_main(argv: list[str] | None = None) -> None:
     )
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
     flags.DEFINE_bool("verbose", False, "Show tracebacks for expected errors.")
+    _define_distributed_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    _list_in_help("config", "workdir", "verbose")
+    _list_in_help("config", "workdir", "verbose", *DISTRIBUTED_FLAGS)
 
     def main(_):
         f = flags.FLAGS
+        _start_distributed(f)
         sys.exit(run_guarded(lambda: _train(f.config, f.workdir), f.verbose))
 
     app.run(main, argv=argv, flags_parser=parse_flags)
@@ -46,9 +52,11 @@ def _train(config, workdir: str) -> int:
     try:
         results = loop.train_and_evaluate(config, workdir)
     except errors.Preempted as e:
-        print(f"dnq_jax: {e}", file=sys.stderr)
+        if _primary():
+            print(f"dnq_jax: {e}", file=sys.stderr)
         return errors.EXIT_OK
-    print(evaluate.format_table(results, f"\nresults ({workdir}/results.json):"))
+    if _primary():
+        print(evaluate.format_table(results, f"\nresults ({workdir}/results.json):"))
     return errors.EXIT_OK
 
 
@@ -61,11 +69,13 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     flags.DEFINE_string("method", None, "PTQ method (rtn, ...); default: the run's eval.method.")
     flags.DEFINE_integer("iters", None, "Reconstruction iterations; default: eval.iters.")
     flags.DEFINE_bool("verbose", False, "Show tracebacks for expected errors.")
+    _define_distributed_flags()
     flags.mark_flags_as_required(["workdir"])
-    _list_in_help("workdir", "bits", "method", "iters", "verbose")
+    _list_in_help("workdir", "bits", "method", "iters", "verbose", *DISTRIBUTED_FLAGS)
 
     def main(_):
         f = flags.FLAGS
+        _start_distributed(f)
         sys.exit(run_guarded(lambda: _evaluate(f.workdir, f.bits, f.method, f.iters), f.verbose))
 
     app.run(main, argv=argv, flags_parser=parse_flags)
@@ -77,9 +87,51 @@ def _evaluate(workdir: str, bits: str | None, method: str | None, iters: int | N
 
     results = evaluate.evaluate_workdir(workdir, bits, method, iters)
     used = results["settings"]["method"]
-    print(evaluate.format_table(results, f"{workdir} ({used}):"))
-    print(f"written: {workdir}/ptq_results.json")
+    if _primary():  # every process evaluates the same variables; process 0 writes and prints
+        print(evaluate.format_table(results, f"{workdir} ({used}):"))
+        print(f"written: {workdir}/ptq_results.json")
     return errors.EXIT_OK
+
+
+DISTRIBUTED_FLAGS = ("distributed", "coordinator_address", "num_processes", "process_id")
+
+
+def _define_distributed_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "Run as one of several processes: call jax.distributed.initialize(), which reads the "
+        "cluster's environment (SLURM, Open MPI, TPU pod) unless the flags below are given.",
+    )
+    flags.DEFINE_string(
+        "coordinator_address", None, "host:port of process 0 (implies --distributed)."
+    )
+    flags.DEFINE_integer("num_processes", None, "Number of processes (implies --distributed).")
+    flags.DEFINE_integer("process_id", None, "This process's id, 0..num_processes-1.")
+
+
+def _start_distributed(f) -> None:
+    """`jax.distributed.initialize` when asked for; before anything touches a JAX backend."""
+    given = {
+        k: getattr(f, k)
+        for k in ("coordinator_address", "num_processes", "process_id")
+        if getattr(f, k) is not None
+    }
+    if not (f.distributed or given):
+        return
+    import jax
+
+    # CPU devices of several processes talk through gloo; GPU/TPU ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**given)
+
+
+def _primary() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _list_in_help(*names: str) -> None:

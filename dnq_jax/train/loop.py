@@ -16,6 +16,13 @@ SIGTERM/SIGINT finish the current chunk of steps, save, and raise `Preempted`. A
 loss or gradient stops the run (`Diverged`) keeping the last good checkpoint, or, with
 `runtime.rollback_on_nan`, restores it and continues with lambda halved (at most
 `MAX_ROLLBACKS` times).
+
+Several processes (`jax.distributed`, one per host): each runs this same loop on its own
+devices of the one global mesh. Each loads the whole (small) data set and keeps it replicated
+on its devices; the batch indices come from the same key everywhere, split over 'data', so
+each device gathers its part of the global batch from its own replica (no host input
+pipeline to feed). Process 0 alone writes the workdir, logs and shows progress; a signal
+seen by any process stops all of them after the same chunk, and all save that step.
 """
 
 from __future__ import annotations
@@ -75,7 +82,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     restored = checkpoint.restore_latest(mngr, state)
     if restored is not None:
         state = restored
-        print(f"dnq_jax: resumed from step {int(state.step)} in {wd}", flush=True)
+        workdir_lib.log(f"dnq_jax: resumed from step {int(state.step)} in {wd}")
     workdir_lib.write_config(wd, c)
 
     # --- Compiled functions and device-resident data.
@@ -115,7 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     last_acc = None
     method = config_lib.method_name(c)
     where = builders.device_description(mesh)
-    print(f"dnq_jax: training {c.model.name} on {c.data.name} ({method}) on {where}", flush=True)
+    workdir_lib.log(f"dnq_jax: training {c.model.name} on {c.data.name} ({method}) on {where}")
     with stop.installed(), _progress(spe * num_epochs, int(state.step), c) as bar:
         epoch = int(state.step) // spe
         while epoch < num_epochs:
@@ -135,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 )
                 outs.append(m)
                 bar.update(b - a)
-                if stop.signal is not None:
+                if stop.agree() is not None:
                     break
             m = jax.device_get(outs)  # one host transfer per epoch (or interrupted epoch)
             m = {k: np.concatenate([np.atleast_1d(x[k]) for x in m]) for k in m[0]}
@@ -143,7 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 state = _roll_back(c, mngr, state, m["finite"], lam, spe)
                 epoch = int(state.step) // spe
                 continue
-            if stop.signal is not None and int(state.step) % spe:
+            if stop.agreed is not None and int(state.step) % spe:
                 checkpoint.save(mngr, int(state.step), state)
                 raise Preempted(_stopped(stop, f"at step {int(state.step)}", mngr))
             row = {
@@ -166,9 +173,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if last_acc is not None:
                 shown["acc"] = f"{last_acc:.1f}"
             bar.set_postfix(shown)
-            if (epoch + 1) % c.runtime.ckpt_every_epochs == 0 or last or stop.signal:
+            if (epoch + 1) % c.runtime.ckpt_every_epochs == 0 or last or stop.agreed:
                 checkpoint.save(mngr, int(state.step), state)
-            if stop.signal is not None:
+            if stop.agreed is not None:
                 raise Preempted(_stopped(stop, f"after epoch {epoch + 1}", mngr))
             epoch += 1
 
@@ -176,10 +183,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params, n_swa = state.params, 0
     if c.swa.enabled:
         params, n_swa = optim.swa_params(state.opt_state, state.params)
-    final = state.variables(params)
+    # To the host: the rest runs on each process's own default device, identically everywhere.
+    final = jax.device_get(state.variables(params))
     if n_swa and c.swa.bn_recalibration and "batch_stats" in final:
         final = optim.recompute_batch_stats(model, final, _clean_batches(ds, c.optim.batch_size))
-    final = jax.device_get(final)
+        final = jax.device_get(final)
     checkpoint.save_final(wd, final)
     eval_settings = evaluate.EvalSettings.from_config(c)
     results = evaluate.evaluate_variables(
@@ -246,10 +254,9 @@ def _roll_back(
             "noise is not the cause. Lower optim.learning_rate."
         )
     state = restored.replace(lam_scale=jnp.asarray(scale, restored.lam_scale.dtype))
-    print(
+    workdir_lib.log(
         f"dnq_jax: {msg}\nRolled back to step {int(state.step)}; lambda halved "
-        f"(lam_scale={scale:.4g}).",
-        flush=True,
+        f"(lam_scale={scale:.4g})."
     )
     return state
 
@@ -272,21 +279,37 @@ def _divergence_message(c, mngr, state: TrainState, bad_step: int, lam: float, s
 
 def _stopped(stop: _StopFlag, where: str, mngr: ocp.CheckpointManager) -> str:
     return (
-        f"stopped by signal {stop.signal} {where}; checkpoint saved in {mngr.directory}. "
+        f"stopped by signal {stop.agreed} {where}; checkpoint saved in {mngr.directory}. "
         "Run the same command to resume."
     )
 
 
 def _progress(total: int, initial: int, c: ml_collections.ConfigDict):
-    enabled = c.runtime.progress
+    enabled = c.runtime.progress and workdir_lib.is_primary()
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
 class _StopFlag:
-    """Records SIGTERM/SIGINT instead of dying, so the loop can stop at a chunk boundary."""
+    """Records SIGTERM/SIGINT instead of dying, so the loop can stop at a chunk boundary.
+
+    `signal` is what this process received; `agreed` (set by `agree`, which every process
+    calls after the same chunk) is the signal any process received, so all stop together.
+    """
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.agreed: int | None = None
+
+    def agree(self) -> int | None:
+        """The signal any process has received so far (the largest number), or None."""
+        mine = self.signal
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            seen = multihost_utils.process_allgather(np.int32(mine or 0))
+            mine = int(np.max(seen)) or None
+        self.agreed = mine
+        return mine
 
     @contextlib.contextmanager
     def installed(self):

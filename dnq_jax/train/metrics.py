@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
+
 
 def _plain(v: Any) -> Any:
     try:
@@ -22,12 +24,16 @@ class MetricWriter:
 
     Each line is flushed and fsynced, so a killed run keeps every line it wrote.
     TensorBoard output needs tensorboardX; without it only the JSON lines are written.
+    With several processes only process 0 writes; on the others every call does nothing.
     """
 
     def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True) -> None:
         self.path = Path(workdir) / "metrics.jsonl"
-        _end_torn_line(self.path)
         self._tb = None
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        _end_torn_line(self.path)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -37,6 +43,8 @@ class MetricWriter:
                 self._tb = None
 
     def write(self, step: int, scalars: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         row = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")

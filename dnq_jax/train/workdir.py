@@ -9,6 +9,10 @@ Layout:
 
 Every file here is written atomically (a temporary file renamed into place), so a kill
 mid-write leaves the previous version whole.
+
+Several processes (`jax.distributed`): every write of the workdir is made by process 0 alone
+(`is_primary`); the others only read it, after a `barrier` where they must see process 0's
+writes. One process (the default) needs no barrier.
 """
 
 from __future__ import annotations
@@ -18,10 +22,31 @@ import os
 import tempfile
 from pathlib import Path
 
+import jax
 import ml_collections
 
 from dnq_jax.errors import CheckpointError, ConfigError
 from dnq_jax.train import config as config_lib
+
+
+def is_primary() -> bool:
+    """Whether this process writes the workdir (process 0; the only one without
+    `jax.distributed`)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process has reached `name` (nothing to wait for with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def log(message: str) -> None:
+    """Print a progress line, from process 0 only."""
+    if is_primary():
+        print(message, flush=True)
 
 
 def check_writable(workdir: str | os.PathLike, create: bool = True) -> Path:
@@ -30,8 +55,13 @@ def check_writable(workdir: str | os.PathLike, create: bool = True) -> Path:
     With `create=False` nothing is left behind: an existing folder gets a probe file that is
     removed again; for a missing one, a probe folder is made and removed in its nearest
     existing parent. So a run refused later (bad data, say) leaves the workdir as it was.
+    Process 0 probes and creates; with `create`, the others wait until it has.
     """
     path = Path(workdir)
+    if not is_primary():
+        if create:
+            barrier("dnq_jax_workdir_created")
+        return path
     parent = path
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -52,11 +82,14 @@ def check_writable(workdir: str | os.PathLike, create: bool = True) -> Path:
             f"workdir {path} is not writable: cannot write in {parent} ({why}). Choose a "
             "--workdir you can write to; checkpoints, metrics and results go there."
         ) from None
+    if create:
+        barrier("dnq_jax_workdir_created")
     return path
 
 
 def write_config(workdir: str | os.PathLike, c: ml_collections.ConfigDict) -> None:
-    _write_atomic(Path(workdir) / "config.json", config_lib.to_json(c))
+    if is_primary():
+        _write_atomic(Path(workdir) / "config.json", config_lib.to_json(c))
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -95,7 +128,8 @@ def check_resume(workdir: str | os.PathLike, c: ml_collections.ConfigDict) -> No
 
 
 def write_results(path: str | os.PathLike, results: dict) -> None:
-    _write_atomic(Path(path), json.dumps(results, indent=2, sort_keys=True, default=float))
+    if is_primary():
+        _write_atomic(Path(path), json.dumps(results, indent=2, sort_keys=True, default=float))
 
 
 def _write_atomic(path: Path, text: str) -> None:
