@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: venv demo test test-orbax-floor lint format fashion-mnist bench clean
+.PHONY: venv demo test test-multiprocess test-orbax-floor lint format fashion-mnist bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,11 @@ demo: venv fashion-mnist
 	$(BIN)/python -m dnq_jax.train.demo --workdir demo_out
 
 test: venv fashion-mnist
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not multiprocess" tests
+
+# Two jax.distributed processes on 127.0.0.1 against one process (a few minutes on 2 cores).
+test-multiprocess: venv fashion-mnist
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m multiprocess tests
 
 # The checkpoint fault tests again with the lowest orbax-checkpoint pyproject.toml allows
 # (its own venv: the pinned requirements, then that version over them).

@@ -22,6 +22,10 @@ import pytest
 
 from dnq_jax.train import checkpoint, metrics
 
+# Minutes of subprocess training on two cores: run by `make test-multiprocess` (and CI), not
+# by the quick `make test`.
+pytestmark = pytest.mark.multiprocess
+
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = "smoke,optim.num_epochs=3,eval.bits=w8a8,runtime.progress=False"
 
