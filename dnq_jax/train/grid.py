@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m dnq_jax.train.grid", description=__doc__.splitlines()[0]
     )
-    p.add_argument("--config", required=True, help="configs/FILE.py[:presets,key=value,...]")
+    p.add_argument("--config", required=True, help="e.g. configs/resnet.py:smoke,k=v")
     p.add_argument("--workdir", required=True, help="the grid's folder (cells/, grid.md, ...)")
     p.add_argument("--methods", default="", help="comma-separated method presets")
     p.add_argument("--cell", action="append", default=[], help="NAME:key=value,...[,bits=..]")
