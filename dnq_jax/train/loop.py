@@ -52,11 +52,14 @@ from dnq_jax.train.state import KEY_SHUFFLE, TrainState, create_train_state, roo
 MAX_ROLLBACKS = 4
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, dataset: data.Dataset | None = None
+) -> dict:
     """Train per `config` in `workdir` (resuming if a checkpoint is there) and evaluate.
 
     Returns the results dict also written to workdir/results.json: FP32 and PTQ top-1 at
-    each of `config.eval.bits`, with the settings used.
+    each of `config.eval.bits`, with the settings used. `dataset`: the config's data, already
+    loaded (the grid loads it once for all its runs); None loads it here.
     """
     c = config
     t_start = time.time()
@@ -65,7 +68,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = builders.make_mesh(c.runtime.num_devices)
     config_lib.validate(c, mesh.size)
     workdir_lib.check_writable(workdir, create=False)
-    ds = builders.load_dataset(c)
+    ds = builders.load_dataset(c) if dataset is None else dataset
     spe = builders.steps_per_epoch(c, ds)
     wd = workdir_lib.check_writable(workdir)  # only now does the workdir appear
 

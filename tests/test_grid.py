@@ -1,0 +1,174 @@
+"""The experiment grid: a cell is its run alone, a killed grid resumes, mean ± std over seeds."""
+
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import resnet
+from dnq_jax.errors import ConfigError
+from dnq_jax.train import checkpoint, grid, grid_report, loop, metrics
+
+# test_train.py's smoke run (so its compiled steps are in the test cache): 5 epochs of 4
+# steps, noise from epoch 1, SWA from epoch 2, a checkpoint per epoch.
+RUN = (
+    "smoke,optim.num_epochs=5,runtime.keep_checkpoints=10,runtime.num_devices=1,"
+    "runtime.progress=False"
+)
+
+
+class Killed(Exception):
+    """Stands for the process being killed."""
+
+
+def _cells(bits=""):
+    return grid.make_cells(resnet.get_config, RUN, seeds=[0, 1], methods=["dnq"], bits=bits)
+
+
+@pytest.fixture(scope="module")
+def killed_grid(tmp_path_factory):
+    """A grid of two seeds killed in its second cell after that cell's second checkpoint,
+    then run again; returns the workdir, the cells run the second time, and the first cell's
+    file times after the first sitting."""
+    wd = tmp_path_factory.mktemp("grid")
+    real_save = checkpoint.save
+
+    def save_then_die(mngr, step, state):
+        real_save(mngr, step, state)
+        if "dnq_s1" in str(mngr.directory) and step == 8:
+            raise Killed
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checkpoint, "save", save_then_die)
+        with pytest.raises(Killed):
+            grid.run_grid(_cells(), wd)
+    first = wd / "cells" / "dnq_s0"
+    times = {f: (first / f).stat().st_mtime_ns for f in ("results.json", "ptq_rtn.json")}
+    partial = json.loads((wd / "grid.json").read_text())
+    trained = []
+    real_train = loop.train_and_evaluate
+
+    def spy(config, workdir, dataset=None):
+        trained.append(workdir)
+        return real_train(config, workdir, dataset=dataset)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "train_and_evaluate", spy)
+        doc = grid.run_grid(_cells(), wd)
+    return wd, doc, partial, trained, times
+
+
+def test_killed_grid_resumes_skipping_finished_cells(killed_grid):
+    wd, doc, partial, trained, times = killed_grid
+    # The report written before the kill holds the finished cell only.
+    assert [c["name"] for c in partial["cells"]] == ["dnq_s0"]
+    assert partial["pending"] == ["dnq_s1"]
+    # The second sitting trained only the interrupted cell, and left the finished one alone.
+    assert [p.rsplit("/", 1)[-1] for p in trained] == ["dnq_s1"]
+    first = wd / "cells" / "dnq_s0"
+    for f, t in times.items():
+        assert (first / f).stat().st_mtime_ns == t, f
+    # The interrupted cell resumed from its step-8 checkpoint: epochs 1-2 before, 3-5 after.
+    epochs = [r["epoch"] for r in metrics.read(wd / "cells" / "dnq_s1") if "epoch" in r]
+    assert epochs == [1, 2, 3, 4, 5]
+    assert [c["name"] for c in doc["cells"]] == ["dnq_s0", "dnq_s1"] and doc["pending"] == []
+
+
+def test_grid_cell_equals_the_same_config_run_alone(killed_grid, tmp_path):
+    wd, doc, *_ = killed_grid
+    alone = loop.train_and_evaluate(resnet.get_config(RUN + ",method=dnq,seed=0"), str(tmp_path))
+    cell = wd / "cells" / "dnq_s0"
+    restore = lambda p: ocp.StandardCheckpointer().restore((p / "final").absolute())
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restore(cell), restore(tmp_path))
+    on_disk = json.loads((cell / "results.json").read_text())
+    ptq_rtn = json.loads((cell / "ptq_rtn.json").read_text())
+    for key in ("fp32", "w8a8", "w4a4"):
+        assert on_disk[key] == alone[key] == ptq_rtn[key], key
+    assert doc["cells"][0]["ptq"]["rtn"] == {"w8a8": alone["w8a8"], "w4a4": alone["w4a4"]}
+
+
+def test_grid_reports_mean_and_std_over_seeds(killed_grid):
+    wd, doc, *_ = killed_grid
+    cells = [wd / "cells" / n for n in ("dnq_s0", "dnq_s1")]
+    fp32 = [json.loads((c / "results.json").read_text())["fp32"] for c in cells]
+    rtn = [json.loads((c / "ptq_rtn.json").read_text()) for c in cells]
+    expected = {("-", "fp32"): fp32, **{("rtn", b): [r[b] for r in rtn] for b in ("w8a8", "w4a4")}}
+    rows = {(r["ptq"], r["precision"]): r for r in doc["summary"] if r["setting"] == "dnq"}
+    assert set(rows) == set(expected)
+    md = (wd / "grid.md").read_text()
+    for key, values in expected.items():
+        row = rows[key]
+        assert row["mean"] == pytest.approx(np.mean(values), abs=1e-12)
+        assert row["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+        assert row["seeds"] == [0, 1] and row["n"] == 2
+        text = f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+        assert f"| dnq | {key[0]} | {key[1].upper()} | {text} | 0,1 |" in md
+    assert "| dnq_s1 | 1 |" in md
+
+
+def test_new_bit_widths_are_evaluated_without_training_again(killed_grid, monkeypatch):
+    wd, *_ = killed_grid
+    before = json.loads((wd / "cells" / "dnq_s0" / "ptq_rtn.json").read_text())
+    monkeypatch.setattr(loop, "train_and_evaluate", lambda *a, **k: pytest.fail("trained"))
+    doc = grid.run_grid(_cells(bits="w8a8,w4a4,w2a4"), wd)
+    after = json.loads((wd / "cells" / "dnq_s0" / "ptq_rtn.json").read_text())
+    assert {k: after[k] for k in ("fp32", "w8a8", "w4a4")} == {
+        k: before[k] for k in ("fp32", "w8a8", "w4a4")
+    }
+    assert 0 <= after["w2a4"] <= 100 and after["settings"]["bits"] == ["w8a8", "w4a4", "w2a4"]
+    assert set(doc["cells"][1]["ptq"]["rtn"]) == {"w8a8", "w4a4", "w2a4"}
+
+
+def test_summary_matches_numpy_per_setting_method_and_bits():
+    rng = np.random.default_rng(0)
+    records = []
+    for seed in range(3):
+        for setting in ("sgd", "dnq_w2a4"):
+            records.append(
+                {
+                    "name": f"{setting}_s{seed}",
+                    "setting": setting,
+                    "seed": seed,
+                    "fp32": float(rng.uniform(80, 90)),
+                    "ptq": {m: {"w2a4": float(rng.uniform(10, 80))} for m in ("rtn", "qdrop")},
+                }
+            )
+    records.append({**records[0], "setting": "one", "name": "one_s0"})
+    rows = {(r["setting"], r["ptq"], r["precision"]): r for r in grid_report.summarize(records)}
+    assert len(rows) == 2 * 3 + 3
+    for setting in ("sgd", "dnq_w2a4"):
+        mine = [r for r in records if r["setting"] == setting]
+        for key, values in [
+            (("-", "fp32"), [r["fp32"] for r in mine]),
+            (("rtn", "w2a4"), [r["ptq"]["rtn"]["w2a4"] for r in mine]),
+            (("qdrop", "w2a4"), [r["ptq"]["qdrop"]["w2a4"] for r in mine]),
+        ]:
+            row = rows[(setting, *key)]
+            assert row["mean"] == pytest.approx(np.mean(values), rel=1e-12)
+            assert row["std"] == pytest.approx(np.std(values, ddof=1), rel=1e-12)
+            assert row["n"] == 3 and row["values"] == values
+    assert rows[("one", "rtn", "w2a4")]["std"] is None  # one seed: no spread to report
+
+
+def test_cells_cross_methods_settings_and_seeds_with_their_own_bits():
+    cells = grid.make_cells(
+        resnet.get_config,
+        "smoke",
+        seeds=[0, 2],
+        settings=["w4:noise.w_bits=4,noise.a_bits=4,bits=w4a4", "base:"],
+        methods=["sgd", "dnq"],
+        bits="w2a4",
+    )
+    assert [c.name for c in cells[:4]] == ["sgd-w4_s0", "sgd-base_s0", "dnq-w4_s0", "dnq-base_s0"]
+    assert [c.seed for c in cells] == [0] * 4 + [2] * 4
+    w4 = cells[2]
+    assert w4.bits == ((4, 4),) and w4.config.eval.bits == "w4a4"
+    assert (w4.config.noise.w_bits, w4.config.noise.a_bits, w4.config.seed) == (4, 4, 0)
+    assert cells[0].config.noise.weight == "none" and w4.config.noise.weight == "differential"
+    assert cells[3].bits == ((2, 4),) and cells[7].config.seed == 2
+    with pytest.raises(ConfigError, match="twice"):
+        grid.make_cells(resnet.get_config, "smoke", [0], settings=["a:seed=1", "a:seed=2"])
+    with pytest.raises(ConfigError, match="noise.w_bit"):
+        grid.make_cells(resnet.get_config, "smoke", [0], settings=["a:noise.w_bit=4"])
