@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats as sps
+from test_profiler import SmallCNN, random_variables
 
 from dnq_jax import diagnostics as dg
 from dnq_jax import taps
@@ -51,32 +52,12 @@ def test_ks_and_kurtosis_tell_gaussian_from_uniform():
     assert float(unif.kurtosis) == pytest.approx(-1.2, abs=0.05)
 
 
-class SmallCNN(nn.Module):
-    """Conv-BN-ReLU, a depthwise conv with BN, and a Dense head: known to the test only."""
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        bn = lambda name: nn.BatchNorm(use_running_average=not train, name=name)
-        x = nn.relu(bn("bn1")(nn.Conv(6, (3, 3), name="c1")(x)))
-        x = nn.Conv(6, (3, 3), strides=2, feature_group_count=6, use_bias=False, name="dw")(x)
-        x = nn.relu(bn("bn2")(x))
-        return nn.Dense(5, name="fc")(x.mean((1, 2)))
-
-
 @pytest.fixture(scope="module")
 def cnn():
     model = SmallCNN()
     rng = np.random.default_rng(2)
     images = jnp.asarray(rng.normal(size=(6, 8, 8, 3)), jnp.float32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), images)
-
-    def fill(path, s):
-        name = jax.tree_util.keystr(path)
-        if "var" in name:
-            return jnp.asarray(rng.uniform(0.5, 2.0, s.shape), jnp.float32)
-        return jnp.asarray(rng.normal(size=s.shape) * 0.5, jnp.float32)
-
-    variables = jax.tree_util.tree_map_with_path(fill, shapes)
+    variables = random_variables(model, images, rng)
 
     @jax.jit
     def layer_inputs(variables, images):

@@ -23,21 +23,26 @@ class SmallCNN(nn.Module):
         return nn.Dense(5, name="fc")(x.mean((1, 2)))
 
 
-@pytest.fixture(scope="module")
-def setup():
-    model = SmallCNN()
-    rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32)
+def random_variables(model, images, rng):
+    """Random variables of `model` with non-trivial running statistics, so eval-mode BN
+    differs from batch statistics."""
     shapes = jax.eval_shape(model.init, jax.random.key(0), images)
 
     def fill(path, s):
-        # Non-trivial running statistics, so eval-mode BN differs from batch statistics.
         name = jax.tree_util.keystr(path)
         if "var" in name:
             return jnp.asarray(rng.uniform(0.5, 2.0, s.shape), jnp.float32)
         return jnp.asarray(rng.normal(size=s.shape) * 0.5, jnp.float32)
 
-    variables = jax.tree_util.tree_map_with_path(fill, shapes)
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = SmallCNN()
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32)
+    variables = random_variables(model, images, rng)
     graph = taps.trace(model, variables, images)
 
     @jax.jit

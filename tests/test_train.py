@@ -195,36 +195,44 @@ class _Linear(nn.Module):
         return nn.Dense(3)(x)
 
 
-def test_step_reports_a_poisoned_new_state_as_not_finite():
-    """The finiteness flag covers what the step writes, not only the loss and gradients."""
+def _linear_step(settings, w_sigma, step=0):
+    """A Dense model's train step under `settings`, and its state with `w_sigma` as every
+    channel's weight-error std (for the noise)."""
     model = _Linear()
     images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 4), dtype=np.uint8))
     labels = jnp.arange(8, dtype=jnp.int32) % 3
     variables = model.init(jax.random.key(0), jnp.zeros((1, 4)))
     graph = taps.trace(model, variables, jnp.zeros((2, 4)))
     tx = optax.sgd(0.1)
+    fn = make_train_step(model, graph, tx, settings, jnp.full((4,), 0.5), jnp.full((4,), 0.25))
+    stats = init_stats(graph)
+    stats = stats.replace(w_sigma={"Dense_0": jnp.full((3,), w_sigma, jnp.float32)})
+    state = TrainState(
+        step=jnp.full([], step, jnp.int32),
+        params=variables["params"],
+        batch_stats={},
+        opt_state=tx.init(variables["params"]),
+        noise_stats=stats,
+        rng=jax.random.key_data(jax.random.key(1)),
+        lam_scale=jnp.ones([], jnp.float32),
+    )
+    run = lambda state, lam, noise_on=True: fn(
+        state, images, labels, jnp.arange(8), jnp.float32(lam), noise_on
+    )
+    return run, state
+
+
+def test_step_reports_a_poisoned_new_state_as_not_finite():
+    """The finiteness flag covers what the step writes, not only the loss and gradients."""
     settings = StepSettings(weight_noise="accumulate")
-    step = make_train_step(model, graph, tx, settings, jnp.full((4,), 0.5), jnp.full((4,), 0.25))
-    run = jax.jit(lambda s: step(s, images, labels, jnp.arange(8), jnp.float32(0.5), True))
-
-    def state(sigma):
-        stats = init_stats(graph)
-        stats = stats.replace(w_sigma={"Dense_0": jnp.full((3,), sigma, jnp.float32)})
-        return TrainState(
-            step=jnp.zeros([], jnp.int32),
-            params=variables["params"],
-            batch_stats={},
-            opt_state=tx.init(variables["params"]),
-            noise_stats=stats,
-            rng=jax.random.key_data(jax.random.key(1)),
-            lam_scale=jnp.ones([], jnp.float32),
-        )
-
-    new, m = run(state(0.1))
+    run, state = _linear_step(settings, 0.1)
+    run = jax.jit(run, static_argnums=2)
+    new, m = run(state, 0.5, True)
     assert bool(m["finite"]) and np.all(np.isfinite(new.params["Dense_0"]["kernel"]))
     # A NaN noise statistic poisons only the accumulated sample added after the update:
     # loss and gradients stay finite, the new params do not.
-    new, m = run(state(np.nan))
+    _, poisoned = _linear_step(settings, np.nan)
+    new, m = run(poisoned, 0.5, True)
     assert np.isfinite(m["loss"]) and not np.all(np.isfinite(new.params["Dense_0"]["kernel"]))
     assert not bool(m["finite"])
 
@@ -233,30 +241,11 @@ def test_w_scale_scales_only_the_weight_perturbation():
     """noise.w_scale multiplies the weight perturbation: with weight noise alone, the step at
     lambda 0.5 and w_scale 0.5 is the step at lambda 0.25 and w_scale 1, and w_scale 0 is the
     clean step."""
-    model = _Linear()
-    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 4), dtype=np.uint8))
-    labels = jnp.arange(8, dtype=jnp.int32) % 3
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 4)))
-    graph = taps.trace(model, variables, jnp.zeros((2, 4)))
-    tx = optax.sgd(0.1)
-    stats = init_stats(graph).replace(w_sigma={"Dense_0": jnp.full((3,), 0.3, jnp.float32)})
-    state = TrainState(
-        step=jnp.ones([], jnp.int32),
-        params=variables["params"],
-        batch_stats={},
-        opt_state=tx.init(variables["params"]),
-        noise_stats=stats,
-        rng=jax.random.key_data(jax.random.key(1)),
-        lam_scale=jnp.ones([], jnp.float32),
-    )
 
     def loss(w_scale, lam, noise_on=True):
         settings = StepSettings(weight_noise="differential", w_scale=w_scale)
-        step = make_train_step(
-            model, graph, tx, settings, jnp.full((4,), 0.5), jnp.full((4,), 0.25)
-        )
-        _, m = step(state, images, labels, jnp.arange(8), jnp.float32(lam), noise_on)
-        return float(m["loss"])
+        run, state = _linear_step(settings, 0.3, step=1)
+        return float(run(state, lam, noise_on)[1]["loss"])
 
     assert loss(0.5, 0.5) == pytest.approx(loss(1.0, 0.25), rel=1e-6)
     assert loss(0.0, 0.5) == pytest.approx(loss(1.0, 0.5, noise_on=False), rel=1e-6)
