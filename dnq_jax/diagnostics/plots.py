@@ -16,6 +16,14 @@ if TYPE_CHECKING:  # plotting needs no jax: the results are read through their a
     from dnq_jax.diagnostics.landscape import Landscape
 
 
+def _save(fig, path: str | os.PathLike) -> Path:
+    """Lays out, writes (PNG, 120 dpi) and closes `fig`; returns its path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return Path(path)
+
+
 def _pyplot():
     import matplotlib
 
@@ -51,10 +59,7 @@ def accuracy_vs_bits(
     ax.set_title(title or "Accuracy after post-training quantization")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def training_curves(
@@ -77,10 +82,7 @@ def training_curves(
     axes[0].legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def error_histograms(
@@ -119,10 +121,7 @@ def error_histograms(
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def error_decomposition(
@@ -151,10 +150,7 @@ def error_decomposition(
     ax.set_title(title or "Output error of each quantized layer")
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def landscape_1d(
@@ -170,10 +166,7 @@ def landscape_1d(
     ax.set_title(title or "1-D loss landscape")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def landscape_2d(
@@ -191,10 +184,7 @@ def landscape_2d(
     ax.set_xlabel("alpha")
     ax.set_ylabel("beta")
     ax.set_title(title or "2-D loss landscape")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def eigenvalue_convergence(
@@ -210,7 +200,4 @@ def eigenvalue_convergence(
     ax.set_title(title or "Power iteration")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
