@@ -133,7 +133,7 @@ def quantize_weights(
     return taps.map_kernels(params, graph.layers, fn)
 
 
-def _batches(n: int, batch_size: int, pad: bool):
+def batch_indices(n: int, batch_size: int, pad: bool):
     """Index arrays covering 0..n-1; with `pad`, the last one is filled up with repeats so
     every batch has the same shape (one compile). Repeats are harmless only for statistics
     that ignore multiplicity, such as the minimum and maximum."""
@@ -233,7 +233,7 @@ def _minmax_ranges(apply_fn, variables, images, graph, sites, batch_size) -> Ran
         return _captured(apply_fn, variables, x, graph, sites, reduce)
 
     ranges: Ranges = {}
-    for idx in _batches(images.shape[0], batch_size, pad=True):
+    for idx in batch_indices(images.shape[0], batch_size, pad=True):
         batch_stats = stats(variables, images[idx])
         for site in sites:
             lo, hi = batch_stats[site]
@@ -253,7 +253,7 @@ def _capture(apply_fn, variables, images, graph, sites, batch_size) -> dict[str,
         return _captured(apply_fn, variables, x, graph, sites, reduce)
 
     parts: dict[str, list[jax.Array]] = {site: [] for site in sites}
-    for idx in _batches(images.shape[0], batch_size, pad=False):
+    for idx in batch_indices(images.shape[0], batch_size, pad=False):
         store = grab(variables, images[idx])
         for site in sites:
             parts[site].append(store[site])

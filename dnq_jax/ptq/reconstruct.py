@@ -44,7 +44,7 @@ def _batched(fn: Callable, n: int, batch: int, *trees: PyTree) -> PyTree:
     """``fn`` over rows 0..n-1 of each tree's arrays, in equal padded batches (one compile);
     the outputs' real rows concatenated."""
     outs = []
-    for idx in calibration._batches(n, batch, pad=True):
+    for idx in calibration.batch_indices(n, batch, pad=True):
         real = min(batch, n - int(idx[0]))
         got = fn(*[jax.tree.map(lambda a, idx=idx: a[idx], t) for t in trees])
         outs.append(jax.tree.map(lambda a, real=real: a[:real], got))
