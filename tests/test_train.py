@@ -250,3 +250,15 @@ def test_w_scale_scales_only_the_weight_perturbation():
     assert loss(0.5, 0.5) == pytest.approx(loss(1.0, 0.25), rel=1e-6)
     assert loss(0.0, 0.5) == pytest.approx(loss(1.0, 0.5, noise_on=False), rel=1e-6)
     assert loss(1.0, 0.5) != pytest.approx(loss(1.0, 0.5, noise_on=False), rel=1e-4)
+
+
+def test_profiler_images_follow_noise_n_calib_and_default_to_the_evaluations():
+    ds = builders.load_dataset(_config())
+    default = builders.profiler_images(_config(), ds)
+    c = _config()
+    want = np.asarray(
+        data.normalize(data.calibration_subset(ds, c.quant.n_calib, 0), ds.mean, ds.std)
+    )
+    np.testing.assert_array_equal(default, want)
+    own = builders.profiler_images(_config("noise.n_calib=5"), ds)
+    assert own.shape[0] == 5 and default.shape[0] == c.quant.n_calib != 5

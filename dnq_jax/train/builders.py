@@ -53,6 +53,14 @@ def steps_per_epoch(c: ml_collections.ConfigDict, ds: data.Dataset) -> int:
     return spe
 
 
+def profiler_images(c: ml_collections.ConfigDict, ds: data.Dataset) -> np.ndarray:
+    """The profiler's fixed calibration images, normalised: `noise.n_calib` of them (0: the
+    evaluation's `quant.n_calib`), drawn with `quant.calib_seed`."""
+    n = c.noise.n_calib or c.quant.n_calib
+    calib = data.calibration_subset(ds, n, c.quant.calib_seed)
+    return np.asarray(data.normalize(calib, ds.mean, ds.std))
+
+
 def compute_dtype(c: ml_collections.ConfigDict):
     return jnp.bfloat16 if c.model.dtype == "bfloat16" else jnp.float32
 

@@ -96,6 +96,7 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     ("noise.ema_decay", 0.9, "EMA of the profiled error statistics"),
     ("noise.w_bits", 2, "weight bit-width of the modelled quantizer"),
     ("noise.a_bits", 4, "activation bit-width of the modelled quantizer"),
+    ("noise.n_calib", 0, "profiler calibration images (0: quant.n_calib)"),
     ("quant.keep_ends_8bit", True, "first and last layer at 8 bits (profiler and evaluation)"),
     ("quant.n_calib", 100, "calibration images (profiler and evaluation)"),
     ("quant.calib_seed", 0, "seed of the calibration subset"),
@@ -252,6 +253,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _one_of(c, "eval.method", ptq_methods())
     _one_of(c, "runtime.loop", LOOPS)
     _check(c.quant.n_calib >= 1, "quant.n_calib", f"must be positive, got {c.quant.n_calib}")
+    nc = c.noise.n_calib
+    _check(nc >= 0, "noise.n_calib", f"must be >= 0 (0: quant.n_calib), got {nc}")
     for key in ("eval.batch_size", "eval.every_epochs", "runtime.ckpt_every_epochs"):
         _check(flat(c)[key] >= 1, key, "must be positive")
     _check(r.keep_checkpoints >= 1, "runtime.keep_checkpoints", "must be positive")

@@ -98,8 +98,7 @@ def train_and_evaluate(
     chunk_steps = c.runtime.chunk_steps or (spe if scan else 1)
     train_images = builders.put(ds.train_images, sh["data"])
     train_labels = builders.put(ds.train_labels.astype(np.int32), sh["data"])
-    calib = data.calibration_subset(ds, c.quant.n_calib, c.quant.calib_seed)
-    calib_images = builders.put(np.asarray(data.normalize(calib, mean, std)), sh["replicated"])
+    calib_images = builders.put(builders.profiler_images(c, ds), sh["replicated"])
     profile = jax.jit(
         profiler.make_profiler(
             model,

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The ablations at W2A4 (one seed, marked so), on the budget and data of dnq_table.sh, whose
+# sgd and dnq_w2a4 cells (seed 0) are the reference rows. Each cell changes one thing from
+# dnq with the noise modelled at W2A4:
+#   w_scale   the differential weight perturbation scaled by 1/sqrt(2), so its std equals
+#             the modelled quantization error's (a fix the method allows: noise.w_scale)
+#   swa       SWA alone, no noise            wqn  weight noise only (no SWA)
+#   aqn       activation drop-in only (no SWA)
+#   naive / accumulate                       the biased weight-noise forms
+#   ramp_cosine / ramp_exp                   the other ramp shapes
+#   calib16 / calib1024                      the profiler's calibration-set size
+#             (noise.n_calib; 100 in dnq; the evaluation keeps quant.n_calib = 100)
+# Each model is PTQ-evaluated at FP32 and W2A4 with RTN and QDrop (200 iterations per block).
+#
+#   bash experiments/dnq_ablations.sh        (PYTHON=..., WORKDIR=..., CELLS="w_scale swa")
+#
+# It resumes like every grid: run the same command again to continue. Cells run in the order
+# above; CELLS picks a subset. Results are copied to experiments/results/dnq_ablations.{md,json}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+WORKDIR=${WORKDIR:-workdirs/dnq_ablations}
+CONFIG="configs/resnet.py:model.name=resnet8,data.name=fashion_mnist,optim.batch_size=128"
+CONFIG+=",optim.learning_rate=0.1,optim.weight_decay=5e-4,optim.num_epochs=16"
+CONFIG+=",noise.start_epoch=8,noise.ramp_epochs=3,swa.start_epoch=12"
+CONFIG+=",eval.every_epochs=2,eval.batch_size=1000,runtime.ckpt_every_epochs=1"
+CONFIG+=",runtime.progress=False"
+W2A4="noise.w_bits=2,noise.a_bits=4,bits=w2a4"
+declare -A CELL=(
+  [w_scale]="method=dnq,noise.w_scale=0.7071,$W2A4"
+  [swa]="method=swa,$W2A4"
+  [wqn]="method=wqn,$W2A4"
+  [aqn]="method=aqn,$W2A4"
+  [naive]="method=naive,$W2A4"
+  [accumulate]="method=accumulate,$W2A4"
+  [ramp_cosine]="method=dnq,noise.ramp=cosine,$W2A4"
+  [ramp_exp]="method=dnq,noise.ramp=exp,$W2A4"
+  [calib16]="method=dnq,noise.n_calib=16,$W2A4"
+  [calib1024]="method=dnq,noise.n_calib=1024,$W2A4"
+)
+ORDER="w_scale swa wqn aqn naive accumulate ramp_cosine ramp_exp calib16 calib1024"
+ARGS=(--config "$CONFIG" --workdir "$WORKDIR" --seeds 0 --ptq rtn,qdrop --ptq-iters 200)
+for name in ${CELLS:-$ORDER}; do
+  [ -n "${CELL[$name]:-}" ] || { echo "unknown cell $name; choose from: $ORDER" >&2; exit 2; }
+  ARGS+=(--cell "$name:${CELL[$name]}")
+done
+echo "command: $PYTHON -m dnq_jax.train.grid ${ARGS[*]}"
+echo "started: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPU cores, load: $(cut -d' ' -f1-3 /proc/loadavg)"
+SECONDS=0
+status=0
+"$PYTHON" -m dnq_jax.train.grid "${ARGS[@]}" || status=$?
+echo "wall time of this invocation: ${SECONDS} s (exit status $status)"
+if [ -f "$WORKDIR/grid.md" ]; then
+  mkdir -p experiments/results
+  cp "$WORKDIR/grid.md" experiments/results/dnq_ablations.md
+  cp "$WORKDIR/grid.json" experiments/results/dnq_ablations.json
+fi
+exit $status
