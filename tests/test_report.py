@@ -2,6 +2,7 @@
 with tiny sizes: the files it writes, its numbers checked against direct computations, the
 PTQ rows it collects, and its refusal of an unfinished run."""
 
+import importlib.util
 import json
 import os
 import re
@@ -157,3 +158,33 @@ def test_report_defaults_and_settings_check():
         report.ReportSettings(trace_samples=1).check()
     with pytest.raises(ConfigError, match="images"):
         report.ReportSettings(images=0).check()
+
+
+def test_flatness_experiment_measures_like_the_report_and_skips_unfinished(reported, tmp_path):
+    """experiments/flatness.py on the reported run and an unfinished one, with the report's
+    sizes: the same numbers as report.json; the unfinished run listed as skipped; a rerun
+    keeps the measured run instead of measuring it again."""
+    wd, _, doc = reported
+    spec = importlib.util.spec_from_file_location("flatness", ROOT / "experiments/flatness.py")
+    flatness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flatness)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    out = tmp_path / "flatness"
+    argv = [str(wd), str(unfinished), "--bits=w2a4", "--out", str(out), "--landscape-grid=0"]
+    for flag in ("images", "error_images", "batch_size", "hessian_iters", "trace_samples"):
+        argv.append(f"--{flag.replace('_', '-')}={SIZES[flag]}")
+    argv += [f"--landscape-points={SIZES['landscape_points']}", f"--seed={SIZES['seed']}"]
+    assert flatness.main(argv) == 0
+    got = json.loads(out.with_suffix(".json").read_text())
+    assert got["skipped"] == [str(unfinished)] and list(got["runs"]) == [str(wd)]
+    run = got["runs"][str(wd)]
+    for k in ("loss", "top_eigenvalue", "trace"):
+        assert run["flatness"][k] == pytest.approx(doc["flatness"][k], rel=1e-5), k
+    ratio = doc["errors"]["w2a4"]["activation_to_weight"]
+    assert run["errors"]["w2a4"]["activation_to_weight"] == pytest.approx(ratio, rel=1e-5)
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG
+    assert "Skipped (no final variables yet)" in out.with_suffix(".md").read_text()
+    assert flatness.main(argv) == 0  # nothing changed: kept, not measured again
+    again = json.loads(out.with_suffix(".json").read_text())["runs"][str(wd)]
+    assert again == run
