@@ -1,9 +1,11 @@
-"""Test-wide setup: 8 fake CPU devices, and a persistent compilation cache."""
+"""Test-wide setup: 8 fake CPU devices, a persistent compilation cache, and the finished
+smoke run that several test modules read."""
 
 import os
 import tempfile
 
 import jax
+import pytest
 
 # Must run before the CPU backend is created; it does not affect a GPU/TPU backend.
 jax.config.update("jax_num_cpu_devices", 8)
@@ -16,3 +18,21 @@ _cache = os.environ.get(
 jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+# The smoke run's settings: 5 epochs of 4 steps (warm-up, noise from epoch 1, SWA from
+# epoch 2; DNQ, noise modelled at W2A4), a checkpoint per epoch, all kept.
+SMOKE_RUN = (
+    "optim.num_epochs=5,runtime.keep_checkpoints=10,runtime.num_devices=1,runtime.progress=False"
+)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """(workdir, results) of one finished smoke run, trained once per test session. Read
+    it, or copy it before writing: every test that asks for it sees the same folder."""
+    from configs import resnet
+    from dnq_jax.train.loop import train_and_evaluate
+
+    wd = tmp_path_factory.mktemp("smoke")
+    results = train_and_evaluate(resnet.get_config("smoke," + SMOKE_RUN), str(wd))
+    return wd, results

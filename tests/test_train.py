@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from conftest import SMOKE_RUN
 
 from configs import resnet
 from dnq_jax import data, taps
@@ -20,8 +21,9 @@ from dnq_jax.train.loop import noise_lambda, train_and_evaluate
 from dnq_jax.train.state import KEY_SHUFFLE, TrainState, create_train_state, root_key, sub_key
 from dnq_jax.train.step import StepSettings, make_chunk_fn, make_train_step
 
-# 5 epochs of 4 steps: warm-up, noise from epoch 1, SWA from epoch 2; a checkpoint per epoch.
-RUN = "optim.num_epochs=5,runtime.keep_checkpoints=10,runtime.num_devices=1,runtime.progress=False"
+# The session's smoke run (conftest.py): 5 epochs of 4 steps, noise from epoch 1, SWA from
+# epoch 2, a checkpoint per epoch.
+RUN = SMOKE_RUN
 
 
 def _config(extra=""):
@@ -38,13 +40,6 @@ def _epoch_losses(workdir):
 
 def _flat(tree):
     return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))])
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("smoke")
-    results = train_and_evaluate(_config(RUN), str(wd))
-    return wd, results
 
 
 def test_smoke_trains_and_writes_results(smoke_run):

@@ -131,6 +131,7 @@ def top_hessian_eigenvalue(
     *,
     tol: float | None = None,
     loop: str = "python",
+    callback: Callable[[int, float], None] | None = None,
 ) -> EigenResult:
     """The Hessian eigenvalue of largest magnitude at `params`, by power iteration.
 
@@ -148,6 +149,8 @@ def top_hessian_eigenvalue(
         ``tol * |estimate|`` from the previous one (None: run all iterations).
       loop: ``'python'`` (a Python loop over a jitted product; the right choice on CPU) or
         ``'fori'`` (all iterations inside one jitted ``lax.fori_loop``).
+      callback: with ``loop='python'``, called as ``callback(i, estimate)`` after each
+        iteration (e.g. to show progress).
 
     Returns:
       An `EigenResult` (eigenvalue, eigenvector, per-iteration history).
@@ -166,6 +169,8 @@ def top_hessian_eigenvalue(
     for _ in range(iters):
         lam, v = _power_update(v, hvp(loss, params, v))
         history.append(float(lam))
+        if callback is not None:
+            callback(len(history) - 1, history[-1])
         if tol is not None and len(history) > 1:
             if abs(history[-1] - history[-2]) <= tol * abs(history[-1]):
                 break
@@ -201,7 +206,12 @@ class TraceResult:
 
 
 def hessian_trace(
-    loss_fn: LossFn, params: PyTree, key: jax.Array, samples: int = 50
+    loss_fn: LossFn,
+    params: PyTree,
+    key: jax.Array,
+    samples: int = 50,
+    *,
+    callback: Callable[[int, float], None] | None = None,
 ) -> TraceResult:
     """tr(H) at `params` by Hutchinson's estimator, E[v^T H v] with Rademacher v.
 
@@ -213,6 +223,7 @@ def hessian_trace(
       params: where the Hessian is taken.
       key: PRNG key of the probe vectors.
       samples: number of probe vectors (at least 2, for the standard error).
+      callback: called as ``callback(i, v_i^T H v_i)`` after each sample.
 
     Returns:
       A `TraceResult` (mean, standard error, samples).
@@ -226,6 +237,8 @@ def hessian_trace(
         # The same product program as the power iteration: one compile serves both.
         v = random_tree(params, k, "rademacher")
         values.append(float(_jit_vdot(v, hvp(loss, params, v))))
+        if callback is not None:
+            callback(i, values[-1])
     values = np.asarray(values, np.float64)
     stderr = float(values.std(ddof=1) / np.sqrt(samples))
     return TraceResult(float(values.mean()), stderr, values)

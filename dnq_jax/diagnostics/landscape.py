@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -89,11 +89,22 @@ class Landscape:
     directions: tuple[PyTree, ...]
 
 
-def _evaluate(loss_fn: LossFn, params: PyTree, directions: tuple, coeffs: np.ndarray) -> float:
-    # Moving params is its own small program, so the loss itself is the one compiled for
-    # `loss_fn(params)` (shared with any other use of the same loss).
-    moved = _move(params, directions, jnp.asarray(coeffs, jnp.float32))
-    return float(as_chunked(loss_fn)(moved))
+def _losses(
+    loss_fn: LossFn,
+    params: PyTree,
+    directions: tuple,
+    coeffs: Sequence[np.ndarray],
+    callback: Callable[[int, float], None] | None,
+) -> np.ndarray:
+    out = []
+    for i, c in enumerate(coeffs):
+        # Moving params is its own small program, so the loss itself is the one compiled for
+        # `loss_fn(params)` (shared with any other use of the same loss).
+        moved = _move(params, directions, jnp.asarray(c, jnp.float32))
+        out.append(float(as_chunked(loss_fn)(moved)))
+        if callback is not None:
+            callback(i, out[-1])
+    return np.array(out)
 
 
 def _coefficients(values: Sequence[float], name: str) -> np.ndarray:
@@ -111,17 +122,19 @@ def loss_landscape_1d(
     *,
     direction: PyTree | None = None,
     ignore_1d: bool = True,
+    callback: Callable[[int, float], None] | None = None,
 ) -> Landscape:
     """Loss at ``params + alpha * d`` for each alpha, d filter-normalised (or `direction`).
 
     Each point costs one forward pass over `loss_fn`'s data; alpha = 0 is the loss itself.
-    Pass the same `key` to compare models along directions drawn alike.
+    Pass the same `key` to compare models along directions drawn alike. `callback(i, loss)`
+    is called after each point.
     """
     alphas = _coefficients(alphas, "alphas")
     if direction is None:
         direction = filter_normalized_direction(params, key, ignore_1d=ignore_1d)
     dirs = (direction,)
-    losses = np.array([_evaluate(loss_fn, params, dirs, np.array([a])) for a in alphas])
+    losses = _losses(loss_fn, params, dirs, [np.array([a]) for a in alphas], callback)
     return Landscape(alphas=alphas, betas=None, losses=losses, directions=dirs)
 
 
@@ -134,12 +147,14 @@ def loss_landscape_2d(
     *,
     directions: tuple[PyTree, PyTree] | None = None,
     ignore_1d: bool = True,
+    callback: Callable[[int, float], None] | None = None,
 ) -> Landscape:
     """Loss at ``params + alpha * d1 + beta * d2`` on the grid alphas x betas.
 
     d1 and d2 are independent filter-normalised directions (keys split from `key`), or the
     given `directions`. In high dimension two random directions are nearly orthogonal, so
-    no orthogonalisation is done. Costs one forward pass per grid point.
+    no orthogonalisation is done. Costs one forward pass per grid point; `callback(i, loss)`
+    is called after each (row-major order).
     """
     alphas = _coefficients(alphas, "alphas")
     betas = _coefficients(betas, "betas")
@@ -152,7 +167,6 @@ def loss_landscape_2d(
     dirs = tuple(directions)
     if len(dirs) != 2:
         raise ValueError(f"directions must be two pytrees, got {len(dirs)}")
-    losses = np.array(
-        [[_evaluate(loss_fn, params, dirs, np.array([a, b])) for b in betas] for a in alphas]
-    )
+    grid = [np.array([a, b]) for a in alphas for b in betas]
+    losses = _losses(loss_fn, params, dirs, grid, callback).reshape(len(alphas), len(betas))
     return Landscape(alphas=alphas, betas=betas, losses=losses, directions=dirs)

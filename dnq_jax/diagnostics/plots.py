@@ -45,6 +45,8 @@ def accuracy_vs_bits(
         ys = [res.get(k, float("nan")) for k in keys]
         ax.plot(range(len(keys)), ys, marker="o", label=name)
         for i, y in enumerate(ys):
+            if not np.isfinite(y):  # a precision this model was not evaluated at
+                continue
             ax.annotate(
                 f"{y:.1f}",
                 (i, y),
@@ -63,23 +65,39 @@ def accuracy_vs_bits(
 
 
 def training_curves(
-    runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike, title: str = ""
+    runs: Mapping[str, Sequence[Mapping]],
+    path: str | os.PathLike,
+    title: str = "",
+    show_lambda: bool | None = None,
 ) -> Path:
-    """Train loss, test accuracy and lambda per epoch for each run (rows of metrics.jsonl)."""
+    """Train loss, top-1 (test FP32 solid, train dashed where logged) and lambda per epoch for
+    each run (rows of metrics.jsonl). `show_lambda` None: the lambda panel is drawn when some
+    run has a nonzero lambda (a run with noise)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for name, rows in runs.items():
+    if show_lambda is None:
+        show_lambda = any(r.get("lambda", 0.0) for rows in runs.values() for r in rows)
+    panels = 3 if show_lambda else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 3.6))
+    for i, (name, rows) in enumerate(runs.items()):
+        color = f"C{i % 10}"
         ep = [r["epoch"] for r in rows]
-        axes[0].plot(ep, [r["train_loss"] for r in rows], label=name)
+        axes[0].plot(ep, [r["train_loss"] for r in rows], color=color, label=name)
         acc = [(r["epoch"], r["test_acc"]) for r in rows if "test_acc" in r]
         if acc:
-            axes[1].plot(*zip(*acc), marker=".", label=name)
-        axes[2].plot(ep, [r.get("lambda", 0.0) for r in rows], label=name)
-    for ax, label in zip(axes, ("train loss", "test top-1 FP32 (%)", "noise lambda")):
+            axes[1].plot(*zip(*acc), marker=".", color=color, label=f"{name} test")
+        train = [(r["epoch"], r["train_acc"]) for r in rows if "train_acc" in r]
+        if train:
+            axes[1].plot(*zip(*train), ls="--", color=color, label=f"{name} train")
+        if show_lambda:
+            axes[2].plot(ep, [r.get("lambda", 0.0) for r in rows], color=color, label=name)
+    labels = ("train loss", "top-1 (%)", "noise lambda")[:panels]
+    for ax, label in zip(axes, labels):
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend()
+    if axes[1].lines:
+        axes[1].legend(fontsize=7)
     if title:
         fig.suptitle(title)
     return _save(fig, path)

@@ -60,23 +60,62 @@ def _train(config, workdir: str) -> int:
     return errors.EXIT_OK
 
 
+# --report's sizes: flag -> (ReportSettings field, help). Unset flags keep the field's default.
+REPORT_FLAGS = {
+    "report-images": ("images", "Training images of the flatness loss (default 1024)."),
+    "report-error-images": ("error_images", "Images of the error statistics (default 256)."),
+    "hessian-iters": ("hessian_iters", "Power iterations at most (default 20; 0 skips)."),
+    "trace-samples": ("trace_samples", "Hutchinson probes of the trace (default 20; 0 skips)."),
+    "landscape-points": ("landscape_points", "Points of the 1-D landscape (default 21; 0 skips)."),
+    "landscape-grid": ("landscape_grid", "Points per axis, 2-D landscape (default 7; 0 skips)."),
+    "report-seed": ("seed", "Seed of the image subset and random vectors (default 0)."),
+}
+
+
 def evaluate_main(argv: list[str] | None = None) -> None:
-    """PTQ-evaluate the final variables of the run in --workdir; print a table."""
+    """PTQ-evaluate the final variables of the run in --workdir; print a table. With
+    --report, write the run's report (report.md, report.json, report/*.png) instead, after
+    a PTQ evaluation only if --bits, --method or --iters asks for one."""
     from absl import app, flags
 
     flags.DEFINE_string("workdir", None, "A workdir written by train.py.")
     flags.DEFINE_string("bits", None, "Comma-separated wXaY list; default: the run's eval.bits.")
     flags.DEFINE_string("method", None, "PTQ method (rtn, ...); default: the run's eval.method.")
     flags.DEFINE_integer("iters", None, "Reconstruction iterations; default: eval.iters.")
+    flags.DEFINE_bool(
+        "report",
+        False,
+        "Write WORKDIR/report.md, report.json and report/*.png: PTQ table, training curves, "
+        "per-layer error statistics, Hessian eigenvalue and trace, loss landscapes.",
+    )
+    flags.DEFINE_string(
+        "report-bits",
+        None,
+        "Bit-widths of the report's error statistics (wXaY list); default: the run's noise "
+        "target, or w4a4,w2a4 for a run without noise.",
+    )
+    for name, (_, text) in REPORT_FLAGS.items():
+        flags.DEFINE_integer(name, None, text)
     flags.DEFINE_bool("verbose", False, "Show tracebacks for expected errors.")
     _define_distributed_flags()
     flags.mark_flags_as_required(["workdir"])
-    _list_in_help("workdir", "bits", "method", "iters", "verbose", *DISTRIBUTED_FLAGS)
+    shown = ("workdir", "bits", "method", "iters", "report", "report-bits", *REPORT_FLAGS)
+    _list_in_help(*shown, "verbose", *DISTRIBUTED_FLAGS)
 
     def main(_):
         f = flags.FLAGS
         _start_distributed(f)
-        sys.exit(run_guarded(lambda: _evaluate(f.workdir, f.bits, f.method, f.iters), f.verbose))
+        evaluate = lambda: _evaluate(f.workdir, f.bits, f.method, f.iters)
+        if not f.report:
+            sys.exit(run_guarded(evaluate, f.verbose))
+        sizes = {field: f[name].value for name, (field, _) in REPORT_FLAGS.items()}
+
+        def evaluate_and_report() -> int:
+            if any(v is not None for v in (f.bits, f.method, f.iters)):
+                evaluate()
+            return _report(f.workdir, f["report-bits"].value, sizes)
+
+        sys.exit(run_guarded(evaluate_and_report, f.verbose))
 
     app.run(main, argv=argv, flags_parser=parse_flags)
 
@@ -90,6 +129,22 @@ def _evaluate(workdir: str, bits: str | None, method: str | None, iters: int | N
     if _primary():  # every process evaluates the same variables; process 0 writes and prints
         print(evaluate.format_table(results, f"{workdir} ({used}):"))
         print(f"written: {workdir}/ptq_results.json")
+    return errors.EXIT_OK
+
+
+def _report(workdir: str, bits: str | None, sizes: dict[str, int | None]) -> int:
+    _quiet_logs()
+    if not _primary():  # the report is measured and written by process 0 alone
+        return errors.EXIT_OK
+    from dnq_jax.train import report
+
+    try:
+        parsed = tuple(config_lib.parse_bits(bits)) if bits else None
+    except errors.ConfigError as e:
+        raise errors.ConfigError(f"--report-bits: {str(e).removeprefix('eval.bits: ')}") from None
+    given = {k: v for k, v in sizes.items() if v is not None}
+    path = report.write_report(workdir, report.ReportSettings(bits=parsed, **given))
+    print(f"written: {path} (numbers in report.json, figures in {path.parent / 'report'})")
     return errors.EXIT_OK
 
 

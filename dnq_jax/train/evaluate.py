@@ -126,10 +126,15 @@ def format_table(results: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def load_run(wd: str) -> tuple[ml_collections.ConfigDict, Any, Any, data.Dataset]:
-    """``(config, model, final variables, dataset)`` of the finished run in `wd`."""
+def load_run(
+    wd: str, ds: data.Dataset | None = None
+) -> tuple[ml_collections.ConfigDict, Any, Any, data.Dataset]:
+    """``(config, model, final variables, dataset)`` of the finished run in `wd`.
+
+    `ds`: the run's dataset when the caller has it loaded already (several runs on one set).
+    """
     c = workdir.read_config(wd)
-    ds = builders.load_dataset(c)
+    ds = builders.load_dataset(c) if ds is None else ds
     model = builders.create_model(c, ds.num_classes)
     like = jax.device_get(builders.init_variables(model, c, ds.image_shape))
     return c, model, checkpoint.load_final(wd, like), ds

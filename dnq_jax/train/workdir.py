@@ -132,6 +132,12 @@ def write_results(path: str | os.PathLike, results: dict) -> None:
         _write_atomic(Path(path), json.dumps(results, indent=2, sort_keys=True, default=float))
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file of the workdir atomically (process 0 only)."""
+    if is_primary():
+        _write_atomic(Path(path), text)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
