@@ -31,8 +31,10 @@ fashion-mnist:
 demo: venv fashion-mnist
 	$(BIN)/python -m dnq_jax.train.demo --workdir demo_out
 
+# Two workers (pytest-xdist), one test file per worker at a time; TEST_WORKERS=0 runs in-process.
+TEST_WORKERS ?= 2
 test: venv fashion-mnist
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not multiprocess" tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not multiprocess" -n $(TEST_WORKERS) --dist loadgroup tests
 
 # Two jax.distributed processes on 127.0.0.1 against one process (a few minutes on 2 cores).
 test-multiprocess: venv fashion-mnist
