@@ -15,7 +15,7 @@
 #   bash experiments/dnq_ablations.sh        (PYTHON=..., WORKDIR=..., CELLS="w_scale swa")
 #
 # It resumes like every grid: run the same command again to continue. Cells run in the order
-# above; CELLS picks a subset. Results are copied to experiments/results/dnq_ablations.{md,json}.
+# above; CELLS picks a subset. Results are copied to experiments/results/dnq_ablations.{md,json,png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -54,5 +54,6 @@ if [ -f "$WORKDIR/grid.md" ]; then
   mkdir -p experiments/results
   cp "$WORKDIR/grid.md" experiments/results/dnq_ablations.md
   cp "$WORKDIR/grid.json" experiments/results/dnq_ablations.json
+  if [ -f "$WORKDIR/grid.png" ]; then cp "$WORKDIR/grid.png" experiments/results/dnq_ablations.png; fi
 fi
 exit $status

@@ -10,7 +10,7 @@
 # BatchNorm re-estimated after it (the paper's proportions: half clean, SWA over the last
 # quarter). The grid resumes: run the same command again to continue; cells run seed by seed,
 # and the table below is rewritten after each finished cell. The results are copied to
-# experiments/results/dnq_table.{md,json}.
+# experiments/results/dnq_table.{md,json,png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -38,5 +38,6 @@ if [ -f "$WORKDIR/grid.md" ]; then
   mkdir -p experiments/results
   cp "$WORKDIR/grid.md" experiments/results/dnq_table.md
   cp "$WORKDIR/grid.json" experiments/results/dnq_table.json
+  if [ -f "$WORKDIR/grid.png" ]; then cp "$WORKDIR/grid.png" experiments/results/dnq_table.png; fi
 fi
 exit $status

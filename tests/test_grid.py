@@ -106,6 +106,7 @@ def test_grid_reports_mean_and_std_over_seeds(killed_grid):
         text = f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
         assert f"| dnq | {key[0]} | {key[1].upper()} | {text} | 0,1 |" in md
     assert "| dnq_s1 | 1 |" in md
+    assert (wd / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the bars
 
 
 def test_new_bit_widths_are_evaluated_without_training_again(killed_grid, monkeypatch):

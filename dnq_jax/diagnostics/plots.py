@@ -219,3 +219,36 @@ def eigenvalue_convergence(
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
+
+
+def setting_bars(summary: Sequence[Mapping], path: str | os.PathLike, title: str = "") -> Path:
+    """Grouped bars of an experiment grid: one group per (PTQ method, precision), FP32 first,
+    one bar per setting at its mean top-1 with the sample std over seeds as an error bar.
+
+    `summary`: rows with keys setting, ptq, precision, mean, std (None: one seed), n, as
+    `dnq_jax.train.grid_report.summarize` returns them.
+    """
+    plt = _pyplot()
+    settings = list(dict.fromkeys(r["setting"] for r in summary))
+    groups = list(dict.fromkeys((r["ptq"], r["precision"]) for r in summary))
+    cell = {(r["setting"], r["ptq"], r["precision"]): r for r in summary}
+    width = 0.8 / max(1, len(settings))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 2), 4))
+    for i, s in enumerate(settings):
+        xs, ys, errs = [], [], []
+        for g, (method, precision) in enumerate(groups):
+            r = cell.get((s, method, precision))
+            if r is not None:
+                xs.append(g + (i - (len(settings) - 1) / 2) * width)
+                ys.append(r["mean"])
+                errs.append(r["std"] or 0.0)
+        n = max((r["n"] for r in summary if r["setting"] == s), default=0)
+        bars = ax.bar(xs, ys, width, yerr=errs, capsize=2, label=f"{s} (seeds: {n})")
+        ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=2)
+    labels = ["FP32" if p == "fp32" else f"{m.upper()}\n{p.upper()}" for m, p in groups]
+    ax.set_xticks(range(len(groups)), labels)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(title or "Top-1 per setting: mean ± std over seeds")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

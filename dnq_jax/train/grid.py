@@ -19,8 +19,9 @@ the persistent compilation cache (`W/.jax_cache`) turns a step already compiled 
 cell (same shapes and settings, another seed) into a load. It resumes: a cell with
 results.json is not trained again, an interrupted one resumes from its checkpoint (the
 trainer's own rule), and a PTQ result already in `ptq_<method>.json` with the same settings
-is not recomputed. After each cell, `W/grid.json` and `W/grid.md` are rewritten: mean ±
-sample std over seeds per (setting, PTQ method, precision), and one row per finished cell.
+is not recomputed. After each cell, `W/grid.json`, `W/grid.md` and `W/grid.png` are
+rewritten: mean ± sample std over seeds per (setting, PTQ method, precision), as a table and
+as bars, and one row per finished cell.
 """
 
 from __future__ import annotations
@@ -273,7 +274,12 @@ def run_grid(
             else:
                 records.append(r)
         grid_report.write(wd, meta, header, records, pending)
-        return _read(wd / "grid.json")
+        doc = _read(wd / "grid.json")
+        if records:
+            from dnq_jax.diagnostics import plots  # matplotlib, only once there is a result
+
+            plots.setting_bars(doc["summary"], wd / "grid.png")
+        return doc
 
     (wd / "cells").mkdir(parents=True, exist_ok=True)
     for cell in cells if train else ():
