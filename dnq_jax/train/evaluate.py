@@ -3,6 +3,10 @@
 `evaluate_variables` measures FP32 top-1 and the PTQ top-1 at each (w_bits, a_bits) on the
 full test split; `evaluate_workdir` does it for a finished run's final variables (what
 evaluate.py calls).
+
+Several processes: each evaluates the same variables on its own default device (no
+collective), inside `workdir.agreed` blocks, so an error on one stops all; process 0 alone
+shows progress and writes ptq_results.json.
 """
 
 from __future__ import annotations
@@ -128,10 +132,11 @@ def format_table(results: dict, title: str = "") -> str:
 
 def load_run(wd: str) -> tuple[ml_collections.ConfigDict, Any, Any, data.Dataset]:
     """``(config, model, final variables, dataset)`` of the finished run in `wd`."""
-    c = workdir.read_config(wd)
-    ds = builders.load_dataset(c)
+    with workdir.agreed():  # every process reads; a failure on any stops all
+        c = workdir.read_config(wd)
+        ds = builders.load_dataset(c)
     model = builders.create_model(c, ds.num_classes)
-    like = jax.device_get(builders.init_variables(model, c, ds.image_shape))
+    like = builders.variable_shapes(model, ds.image_shape)
     return c, model, checkpoint.load_final(wd, like), ds
 
 
@@ -154,7 +159,9 @@ def evaluate_workdir(
         overrides["method"] = method
     if iters is not None:
         overrides["iters"] = iters
-    settings = EvalSettings.from_config(c, **overrides)
-    results = evaluate_variables(model, variables, ds, settings, progress=progress)
+    with workdir.agreed():
+        settings = EvalSettings.from_config(c, **overrides)
+        progress = progress and workdir.is_primary()
+        results = evaluate_variables(model, variables, ds, settings, progress=progress)
     workdir.write_results(Path(wd) / "ptq_results.json", results)
     return results
