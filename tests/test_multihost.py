@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dnq_jax.errors import EXIT_CODES
+from dnq_jax.errors import EXIT_CODES, ConfigError
 from dnq_jax.train import checkpoint, metrics
 
 # Subprocess training on two cores: run by `make test-multiprocess` (and CI), not by the
@@ -89,8 +89,8 @@ def _start(args: list[str], processes: int, devices: int) -> list[subprocess.Pop
     return procs
 
 
-def _train(workdir, processes: int, devices: int) -> list[subprocess.Popen]:
-    args = ["train.py", f"--config=configs/resnet.py:{SMOKE}", f"--workdir={workdir}"]
+def _train(workdir, processes: int, devices: int, more: str = "") -> list[subprocess.Popen]:
+    args = ["train.py", f"--config=configs/resnet.py:{SMOKE}{more}", f"--workdir={workdir}"]
     return _start(args, processes, devices)
 
 
@@ -234,24 +234,37 @@ def test_evaluate_with_two_processes_gives_the_one_process_table(runs):
     assert "W8A8" not in out1 and "written:" not in out1 and "PTQ eval" not in err1
 
 
-def test_an_error_on_process_0_stops_every_process_with_its_status(tmp_path):
-    """An unwritable workdir, found by process 0's probe alone: both processes exit at once
-    with the status of PermissionError (not the others waiting at a barrier for a process
-    that has gone), each saying why."""
+def test_an_error_on_process_0_stops_every_process_with_its_status(runs, tmp_path):
+    """Two refusals that process 0 alone finds: an unwritable workdir (its probe) and a
+    resume with other training settings (config.json, read by process 0). Each time both
+    processes exit together with the error's status (not the others waiting at a barrier
+    for a process that has gone), both say why, and the workdir is left as it was."""
     (tmp_path / "a_file").write_text("")
-    workdir = tmp_path / "a_file" / "wd"  # under a regular file: refused even for root
-    procs = _train(workdir, 2, 2)
-    ended = [None, None]
+    unwritable = tmp_path / "a_file" / "wd"  # under a regular file: refused even for root
+    conflict = tmp_path / "conflict"
+    shutil.copytree(runs["two"][0], conflict)
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in conflict.rglob("*"))
+    cases = {  # name: (processes, exit status, what both must say)
+        "unwritable": (_train(unwritable, 2, 2), EXIT_CODES[PermissionError], "not writable"),
+        "conflict": (
+            _train(conflict, 2, 2, ",optim.learning_rate=0.1"),
+            EXIT_CODES[ConfigError],
+            "holds a run with other settings",
+        ),
+    }
+    procs = [p for ps, _, _ in cases.values() for p in ps]
+    ended = {}
     t0 = time.time()
-    while None in ended and time.time() - t0 < 120:
-        for i, p in enumerate(procs):
-            if ended[i] is None and p.poll() is not None:
-                ended[i] = time.time()
+    while len(ended) < len(procs) and time.time() - t0 < 120:
+        done = [p for p in procs if id(p) not in ended and p.poll() is not None]
+        ended.update({id(p): time.time() for p in done})
         time.sleep(0.02)
-    outs = _finish(procs, timeout=1, codes=(EXIT_CODES[PermissionError],))
-    assert max(ended) - min(ended) < 10, f"process exits {ended[1] - ended[0]:+.1f} s apart"
-    err0, err1 = (" ".join(err.split()) for _, err in outs)  # unwrapped
-    assert "error (PermissionError): workdir" in err0 and "not writable" in err0
-    assert "error (PermissionError)" in err1 and "not writable" in err1
-    assert "(on process 0)" in err1 and "Traceback" not in err0 + err1
-    assert not workdir.parent.is_dir()
+    for name, (ps, code, says) in cases.items():
+        outs = _finish(ps, timeout=1, codes=(code,))
+        apart = abs(ended[id(ps[0])] - ended[id(ps[1])])
+        assert apart < 10, f"{name}: the processes exited {apart:.1f} s apart"
+        err0, err1 = (" ".join(err.split()) for _, err in outs)  # unwrapped
+        assert says in err0 and says in err1 and "(on process 0)" in err1, name
+        assert "Traceback" not in err0 + err1, name
+    assert not unwritable.parent.is_dir()
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in conflict.rglob("*")) == before
