@@ -62,10 +62,18 @@ def _env(devices: int) -> dict:
     return env
 
 
+_PORTS: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for a coordinator, never the same twice (runs overlap here)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS:
+            _PORTS.add(port)
+            return port
 
 
 def _start(args: list[str], processes: int, devices: int) -> list[subprocess.Popen]:
@@ -109,7 +117,8 @@ def _finish(procs, timeout=300, codes=(0,)) -> list[tuple[str, str]]:
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise AssertionError(f"{p.args} hung: {p.communicate()}") from None
+            every = "\n".join(f"{q.args}: exit {q.wait()}: {q.communicate()}" for q in procs)
+            raise AssertionError(f"{p.args} hung; every process:\n{every}") from None
     for p, (out, err) in zip(procs, outs):
         assert p.returncode in codes, f"{p.args} exited {p.returncode}:\n{out}\n{err[-3000:]}"
     return outs

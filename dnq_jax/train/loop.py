@@ -317,10 +317,7 @@ class _StopFlag:
         """The signal any process has received so far (the largest number), or None."""
         mine = self.signal
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            seen = multihost_utils.process_allgather(np.int32(mine or 0))
-            mine = int(np.max(seen)) or None
+            mine = int(np.max(workdir_lib.allgather(np.int32([mine or 0])))) or None
         self.agreed = mine
         return mine
 

@@ -67,13 +67,33 @@ def agreed():
 def _agree(error: Exception | None) -> None:
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
-    seen = multihost_utils.process_allgather(_encode(error))
+    seen = allgather(_encode(error))
     failed = [i for i, row in enumerate(seen) if row[0]]
     if not failed or failed[0] == jax.process_index():
         return  # nothing failed, or this process's own error is the one raised
     raise _decode(seen[failed[0]], failed[0]) from error
+
+
+def allgather(row: np.ndarray) -> np.ndarray:
+    """Every process's `row` (same shape and dtype everywhere), stacked in process order.
+
+    Like `multihost_utils.process_allgather`, but it returns only once the gather has ended
+    on every local device (that one waits for the first device's copy alone), so no half of
+    it is still running when the caller exits or raises.
+    """
+    devices = np.asarray(jax.devices()).reshape(jax.process_count(), -1)
+    mesh = jax.sharding.Mesh(devices, ("processes", "local"))
+    spec = jax.sharding.PartitionSpec
+    mine = jax.make_array_from_process_local_data(
+        jax.sharding.NamedSharding(mesh, spec("processes")), row[None]
+    )
+    # A top-level function: the same jit every call, compiled once.
+    out = jax.jit(_identity, out_shardings=jax.sharding.NamedSharding(mesh, spec()))(mine)
+    return np.asarray(jax.block_until_ready(out).addressable_data(0))
+
+
+def _identity(x):
+    return x
 
 
 def _encode(error: Exception | None) -> np.ndarray:
