@@ -36,7 +36,7 @@ TEST_WORKERS ?= 2
 test: venv fashion-mnist
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not multiprocess" -n $(TEST_WORKERS) --dist loadgroup tests
 
-# Two jax.distributed processes on 127.0.0.1 against one process (a few minutes on 2 cores).
+# Two jax.distributed processes on 127.0.0.1 against one process (1-2 minutes on 2 busy cores).
 test-multiprocess: venv fashion-mnist
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m multiprocess tests
 

@@ -75,6 +75,13 @@ def init_variables(model, c: ml_collections.ConfigDict, image_shape) -> dict:
     return jax.jit(lambda k: model.init(k, x, train=False))(init_key(c.seed))
 
 
+def variable_shapes(model, image_shape) -> dict:
+    """The structure of the model's variables as `jax.ShapeDtypeStruct`s: nothing compiled
+    or computed (what a restore needs to know)."""
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    return jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(0), x)
+
+
 def create_optimizer(c: ml_collections.ConfigDict, spe: int) -> optax.GradientTransformation:
     o, swa = c.optim, c.swa
     return optim.make_optimizer(
@@ -133,6 +140,13 @@ def put(x: Any, sharding: NamedSharding) -> jax.Array:
 
 def put_tree(tree: PyTree, sharding: NamedSharding) -> PyTree:
     return jax.tree_util.tree_map(lambda a: jax.device_put(a, sharding), tree)
+
+
+def placed(shapes: PyTree, sharding: NamedSharding) -> PyTree:
+    """`jax.ShapeDtypeStruct`s of `shapes` with `sharding`: what a restore fills."""
+    return jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes
+    )
 
 
 def scans_steps(c: ml_collections.ConfigDict) -> bool:

@@ -15,8 +15,11 @@ strength of a file name: a folder Orbax calls unfinished is moved aside to
 is moved aside to `<step>.unreadable` when an older one restores instead.
 
 Several processes (`jax.distributed`): every process calls the save and restore functions
-(Orbax coordinates their writes); the moving aside is done by process 0 alone, followed by a
-barrier.
+(Orbax coordinates their writes); the moving aside is done by process 0 alone, and the checks
+of the final variables by every process, each inside a `workdir.agreed` block, so an error
+there stops every process with the same error. Orbax's own restore ends in a barrier: a
+checkpoint that one process cannot read while the others can (files that differ between
+hosts) still leaves the others waiting there; on a shared file system all read the same files.
 """
 
 from __future__ import annotations
@@ -81,15 +84,15 @@ def set_aside_incomplete(directory: str | os.PathLike) -> list[tuple[str, str]]:
 def manager(workdir: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
     """The run's CheckpointManager over workdir/checkpoints, after setting torn saves aside."""
     directory = Path(workdir).absolute() / "checkpoints"
-    if workdir_lib.is_primary():
-        moved = set_aside_incomplete(directory)
-        if moved:
-            listed = ", ".join(f"{a} -> {b}" for a, b in moved)
-            print(
-                f"dnq_jax: incomplete checkpoint(s) moved aside in {directory}: {listed}",
-                flush=True,
-            )
-    workdir_lib.barrier("dnq_jax_checkpoints_swept")
+    with workdir_lib.agreed():
+        if workdir_lib.is_primary():
+            moved = set_aside_incomplete(directory)
+            if moved:
+                listed = ", ".join(f"{a} -> {b}" for a, b in moved)
+                print(
+                    f"dnq_jax: incomplete checkpoint(s) moved aside in {directory}: {listed}",
+                    flush=True,
+                )
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=False
     )
@@ -173,11 +176,11 @@ def restore_latest(mngr: ocp.CheckpointManager, like: PyTree) -> PyTree | None:
             failures.append((step, f"{type(e).__name__}: {str(e)[:200]}"))
             continue
         if failures:
-            if workdir_lib.is_primary():
-                for bad, why in failures:
-                    aside = set_aside(directory / str(bad), "unreadable")
-                    print(f"dnq_jax: checkpoint {bad} unreadable ({why}); moved to {aside}")
-            workdir_lib.barrier("dnq_jax_unreadable_set_aside")
+            with workdir_lib.agreed():
+                if workdir_lib.is_primary():
+                    for bad, why in failures:
+                        aside = set_aside(directory / str(bad), "unreadable")
+                        print(f"dnq_jax: checkpoint {bad} unreadable ({why}); moved to {aside}")
             mngr.reload()
         return restored
     if failures:
@@ -195,11 +198,11 @@ def save_final(workdir: str | os.PathLike, variables: PyTree) -> None:
     Every process calls it (Orbax writes once); what a run killed mid-save left is moved aside.
     """
     path = Path(workdir).absolute() / "final"
-    if workdir_lib.is_primary():
-        for leftover in _final_leftovers(path):
-            aside = set_aside(leftover, "incomplete")
-            print(f"dnq_jax: unfinished final save moved aside to {aside}", flush=True)
-    workdir_lib.barrier("dnq_jax_final_swept")
+    with workdir_lib.agreed():
+        if workdir_lib.is_primary():
+            for leftover in _final_leftovers(path):
+                aside = set_aside(leftover, "incomplete")
+                print(f"dnq_jax: unfinished final save moved aside to {aside}", flush=True)
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(path, variables, force=True)
     ckptr.wait_until_finished()
@@ -215,8 +218,21 @@ def _final_leftovers(path: Path) -> list[Path]:
 
 
 def load_final(workdir: str | os.PathLike, like: PyTree) -> PyTree:
-    """The final variables of a run, restored into the structure of `like`."""
+    """The final variables of a run, restored into the structure of `like` (arrays or
+    `jax.ShapeDtypeStruct`s)."""
     path = Path(workdir).absolute() / "final"
+    with workdir_lib.agreed():  # every process checks; any refusal stops all before Orbax
+        _check_final(path, workdir, like)
+    try:
+        return ocp.StandardCheckpointer().restore(path, _abstract(like))
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise CheckpointError(
+            f"the final variables in {path} cannot be read ({type(e).__name__}: "
+            f"{str(e)[:300]}). Re-run the same train.py command to rewrite them."
+        ) from e
+
+
+def _check_final(path: Path, workdir: str | os.PathLike, like: PyTree) -> None:
     torn = (path.exists() and not is_finalized(path)) or (
         not path.exists() and _final_leftovers(path)
     )
@@ -237,10 +253,3 @@ def load_final(workdir: str | os.PathLike, like: PyTree) -> PyTree:
             "Was the checkpoint written by another model or config? Evaluate it with the "
             "config.json its run wrote."
         )
-    try:
-        return ocp.StandardCheckpointer().restore(path, _abstract(like))
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        raise CheckpointError(
-            f"the final variables in {path} cannot be read ({type(e).__name__}: "
-            f"{str(e)[:300]}). Re-run the same train.py command to rewrite them."
-        ) from e

@@ -3,6 +3,10 @@
 `evaluate_variables` measures FP32 top-1 and the PTQ top-1 at each (w_bits, a_bits) on the
 full test split; `evaluate_workdir` does it for a finished run's final variables (what
 evaluate.py calls).
+
+Several processes: each evaluates the same variables on its own default device (no
+collective), inside `workdir.agreed` blocks, so an error on one stops all; process 0 alone
+shows progress and writes ptq_results.json.
 """
 
 from __future__ import annotations
@@ -133,10 +137,11 @@ def load_run(
 
     `ds`: the run's dataset when the caller has it loaded already (several runs on one set).
     """
-    c = workdir.read_config(wd)
-    ds = builders.load_dataset(c) if ds is None else ds
+    with workdir.agreed():  # every process reads; a failure on any stops all
+        c = workdir.read_config(wd)
+        ds = builders.load_dataset(c) if ds is None else ds
     model = builders.create_model(c, ds.num_classes)
-    like = jax.device_get(builders.init_variables(model, c, ds.image_shape))
+    like = builders.variable_shapes(model, ds.image_shape)
     return c, model, checkpoint.load_final(wd, like), ds
 
 
@@ -159,7 +164,9 @@ def evaluate_workdir(
         overrides["method"] = method
     if iters is not None:
         overrides["iters"] = iters
-    settings = EvalSettings.from_config(c, **overrides)
-    results = evaluate_variables(model, variables, ds, settings, progress=progress)
+    with workdir.agreed():
+        settings = EvalSettings.from_config(c, **overrides)
+        progress = progress and workdir.is_primary()
+        results = evaluate_variables(model, variables, ds, settings, progress=progress)
     workdir.write_results(Path(wd) / "ptq_results.json", results)
     return results

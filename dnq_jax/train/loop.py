@@ -22,7 +22,11 @@ devices of the one global mesh. Each loads the whole (small) data set and keeps 
 on its devices; the batch indices come from the same key everywhere, split over 'data', so
 each device gathers its part of the global batch from its own replica (no host input
 pipeline to feed). Process 0 alone writes the workdir, logs and shows progress; a signal
-seen by any process stops all of them after the same chunk, and all save that step.
+seen by any process stops all of them after the same chunk, and all save that step. An error
+in host work (the workdir probes and writes, the resume check, the data, the final
+evaluation) is agreed (`workdir.agreed`): every process raises it and exits with the same
+status. Divergence needs no agreement: the finiteness flags are global values, the same on
+every process, so all stop (or roll back) at the same step.
 """
 
 from __future__ import annotations
@@ -68,23 +72,28 @@ def train_and_evaluate(
     mesh = builders.make_mesh(c.runtime.num_devices)
     config_lib.validate(c, mesh.size)
     workdir_lib.check_writable(workdir, create=False)
-    ds = builders.load_dataset(c) if dataset is None else dataset
-    spe = builders.steps_per_epoch(c, ds)
+    with workdir_lib.agreed():  # each process loads its own copy; a failure stops all
+        ds = builders.load_dataset(c) if dataset is None else dataset
+        spe = builders.steps_per_epoch(c, ds)
     wd = workdir_lib.check_writable(workdir)  # only now does the workdir appear
 
     # --- Model, state, and the newest checkpoint.
     sh = builders.shardings(mesh)
     model = builders.create_model(c, ds.num_classes)
-    variables = builders.init_variables(model, c, ds.image_shape)
-    graph = taps.trace(model, variables, jnp.zeros((2, *ds.image_shape)), train=False)
+    shapes = builders.variable_shapes(model, ds.image_shape)
+    graph = taps.trace(model, shapes, jnp.zeros((2, *ds.image_shape)), train=False)
     tx = builders.create_optimizer(c, spe)
-    state = builders.put_tree(create_train_state(c.seed, variables, graph, tx), sh["state"])
     mngr = checkpoint.manager(wd, c.runtime.keep_checkpoints)
+    state = None
     if mngr.latest_step() is not None:
         workdir_lib.check_resume(wd, c)
-    restored = checkpoint.restore_latest(mngr, state)
-    if restored is not None:
-        state = restored
+        # Restored into the shapes and sharding of a fresh state, which is never computed.
+        fresh = jax.eval_shape(lambda v: create_train_state(c.seed, v, graph, tx), shapes)
+        state = checkpoint.restore_latest(mngr, builders.placed(fresh, sh["state"]))
+    if state is None:
+        variables = builders.init_variables(model, c, ds.image_shape)
+        state = builders.put_tree(create_train_state(c.seed, variables, graph, tx), sh["state"])
+    else:
         workdir_lib.log(f"dnq_jax: resumed from step {int(state.step)} in {wd}")
     workdir_lib.write_config(wd, c)
 
@@ -187,14 +196,15 @@ def train_and_evaluate(
         params, n_swa = optim.swa_params(state.opt_state, state.params)
     # To the host: the rest runs on each process's own default device, identically everywhere.
     final = jax.device_get(state.variables(params))
-    if n_swa and c.swa.bn_recalibration and "batch_stats" in final:
-        final = optim.recompute_batch_stats(model, final, _clean_batches(ds, c.optim.batch_size))
-        final = jax.device_get(final)
+    with workdir_lib.agreed():
+        if n_swa and c.swa.bn_recalibration and "batch_stats" in final:
+            batches = _clean_batches(ds, c.optim.batch_size)
+            final = jax.device_get(optim.recompute_batch_stats(model, final, batches))
     checkpoint.save_final(wd, final)
     eval_settings = evaluate.EvalSettings.from_config(c)
-    results = evaluate.evaluate_variables(
-        model, final, ds, eval_settings, progress=c.runtime.progress
-    )
+    bar_shown = c.runtime.progress and workdir_lib.is_primary()
+    with workdir_lib.agreed():
+        results = evaluate.evaluate_variables(model, final, ds, eval_settings, progress=bar_shown)
     results["swa_snapshots"] = n_swa
     results["steps"] = int(state.step)
     results["train_time_s"] = time.time() - t_start
@@ -306,10 +316,7 @@ class _StopFlag:
         """The signal any process has received so far (the largest number), or None."""
         mine = self.signal
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            seen = multihost_utils.process_allgather(np.int32(mine or 0))
-            mine = int(np.max(seen)) or None
+            mine = int(np.max(workdir_lib.allgather(np.int32([mine or 0])))) or None
         self.agreed = mine
         return mine
 

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import jax
+from dnq_jax.train import workdir as workdir_lib
 
 
 def _plain(v: Any) -> Any:
@@ -24,27 +24,26 @@ class MetricWriter:
 
     Each line is flushed and fsynced, so a killed run keeps every line it wrote.
     TensorBoard output needs tensorboardX; without it only the JSON lines are written.
-    With several processes only process 0 writes; on the others every call does nothing.
+    With several processes only process 0 writes, inside `workdir.agreed` blocks: every
+    process calls, and a failed write stops them all.
     """
 
     def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True) -> None:
         self.path = Path(workdir) / "metrics.jsonl"
         self._tb = None
-        self.enabled = jax.process_index() == 0
-        if not self.enabled:
-            return
-        _end_torn_line(self.path)
-        if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(str(workdir))
-            except ImportError:
-                self._tb = None
+        self.enabled = workdir_lib.is_primary()
+        with workdir_lib.agreed():
+            if self.enabled:
+                _end_torn_line(self.path)
+                if tensorboard:
+                    self._tb = _tensorboard(workdir)
 
     def write(self, step: int, scalars: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
+        with workdir_lib.agreed():
+            if self.enabled:
+                self._write(step, scalars)
+
+    def _write(self, step: int, scalars: dict[str, Any]) -> None:
         row = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -59,6 +58,14 @@ class MetricWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _tensorboard(workdir: str | os.PathLike):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(workdir))
 
 
 def _end_torn_line(path: Path) -> None:

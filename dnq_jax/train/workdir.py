@@ -11,12 +11,16 @@ Every file here is written atomically (a temporary file renamed into place), so 
 mid-write leaves the previous version whole.
 
 Several processes (`jax.distributed`): every write of the workdir is made by process 0 alone
-(`is_primary`); the others only read it, after a `barrier` where they must see process 0's
-writes. One process (the default) needs no barrier.
+(`is_primary`), inside an `agreed` block that every process enters: it ends with a collective,
+so the others go on only once process 0's write is done, and an error raised by any process in
+the block is raised by all of them (same type, same message, same exit status) instead of
+leaving the others waiting at the next collective for a process that has exited. One process
+(the default) needs none of this and gets none of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -24,9 +28,14 @@ from pathlib import Path
 
 import jax
 import ml_collections
+import numpy as np
 
+from dnq_jax import errors
 from dnq_jax.errors import CheckpointError, ConfigError
 from dnq_jax.train import config as config_lib
+
+# Bytes of an error message passed between processes by `agreed` (longer ones are cut).
+_MESSAGE_BYTES = 2048
 
 
 def is_primary() -> bool:
@@ -35,12 +44,76 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def barrier(name: str) -> None:
-    """Wait until every process has reached `name` (nothing to wait for with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+@contextlib.contextmanager
+def agreed():
+    """Run the block on every process, then agree on how it went: if it raised on any
+    process, every process raises the error of the lowest-numbered process that failed.
 
-        multihost_utils.sync_global_devices(name)
+    That process re-raises its own error; the others raise one of the same kind (the kind
+    decides the CLI's exit status, `errors.EXIT_CODES`; any other error, a bug, becomes a
+    RuntimeError on the others) with its message. The agreement is a collective over all
+    processes, so every process must reach it, in the same order: blocks hold host work only
+    (file checks and writes, data loading, the evaluation), never a collective of their own.
+    With one process it does nothing.
+    """
+    try:
+        yield
+    except Exception as e:
+        _agree(e)
+        raise
+    _agree(None)
+
+
+def _agree(error: Exception | None) -> None:
+    if jax.process_count() == 1:
+        return
+    seen = allgather(_encode(error))
+    failed = [i for i, row in enumerate(seen) if row[0]]
+    if not failed or failed[0] == jax.process_index():
+        return  # nothing failed, or this process's own error is the one raised
+    raise _decode(seen[failed[0]], failed[0]) from error
+
+
+def allgather(row: np.ndarray) -> np.ndarray:
+    """Every process's `row` (same shape and dtype everywhere), stacked in process order.
+
+    Like `multihost_utils.process_allgather`, but it returns only once the gather has ended
+    on every local device (that one waits for the first device's copy alone), so no half of
+    it is still running when the caller exits or raises.
+    """
+    devices = np.asarray(jax.devices()).reshape(jax.process_count(), -1)
+    mesh = jax.sharding.Mesh(devices, ("processes", "local"))
+    spec = jax.sharding.PartitionSpec
+    mine = jax.make_array_from_process_local_data(
+        jax.sharding.NamedSharding(mesh, spec("processes")), row[None]
+    )
+    # A top-level function: the same jit every call, compiled once.
+    out = jax.jit(_identity, out_shardings=jax.sharding.NamedSharding(mesh, spec()))(mine)
+    return np.asarray(jax.block_until_ready(out).addressable_data(0))
+
+
+def _identity(x):
+    return x
+
+
+def _encode(error: Exception | None) -> np.ndarray:
+    """[failed, exit status, message bytes...] of one process, a fixed-size uint8 row."""
+    row = np.zeros(2 + _MESSAGE_BYTES, np.uint8)
+    if error is not None:
+        code = errors.exit_code(error)
+        text = str(error) if code is not None else f"{type(error).__name__}: {error}"
+        data = text.encode()[:_MESSAGE_BYTES]
+        row[:2] = 1, code or 1
+        row[2 : 2 + len(data)] = np.frombuffer(data, np.uint8)
+    return row
+
+
+def _decode(row: np.ndarray, process: int) -> Exception:
+    """The error another process reported, as an error of the kind its exit status names."""
+    text = row[2:].tobytes().rstrip(b"\0").decode(errors="ignore")
+    kinds = {code: kind for kind, code in errors.EXIT_CODES.items()}
+    kind = kinds.get(int(row[1]), RuntimeError)
+    return kind(f"{text} (on process {process})")
 
 
 def log(message: str) -> None:
@@ -55,13 +128,16 @@ def check_writable(workdir: str | os.PathLike, create: bool = True) -> Path:
     With `create=False` nothing is left behind: an existing folder gets a probe file that is
     removed again; for a missing one, a probe folder is made and removed in its nearest
     existing parent. So a run refused later (bad data, say) leaves the workdir as it was.
-    Process 0 probes and creates; with `create`, the others wait until it has.
+    Process 0 probes and creates; the others wait for its verdict and share it.
     """
     path = Path(workdir)
-    if not is_primary():
-        if create:
-            barrier("dnq_jax_workdir_created")
-        return path
+    with agreed():
+        if is_primary():
+            _probe(path, create)
+    return path
+
+
+def _probe(path: Path, create: bool) -> None:
     parent = path
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -82,14 +158,12 @@ def check_writable(workdir: str | os.PathLike, create: bool = True) -> Path:
             f"workdir {path} is not writable: cannot write in {parent} ({why}). Choose a "
             "--workdir you can write to; checkpoints, metrics and results go there."
         ) from None
-    if create:
-        barrier("dnq_jax_workdir_created")
-    return path
 
 
 def write_config(workdir: str | os.PathLike, c: ml_collections.ConfigDict) -> None:
-    if is_primary():
-        _write_atomic(Path(workdir) / "config.json", config_lib.to_json(c))
+    with agreed():
+        if is_primary():
+            _write_atomic(Path(workdir) / "config.json", config_lib.to_json(c))
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -110,8 +184,16 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def check_resume(workdir: str | os.PathLike, c: ml_collections.ConfigDict) -> None:
-    """Refuse to continue a run with settings that change its training (a silent mix)."""
-    path = Path(workdir) / "config.json"
+    """Refuse to continue a run with settings that change its training (a silent mix).
+
+    Process 0 reads config.json and decides, for all processes."""
+    with agreed():
+        if is_primary():
+            _check_resume(Path(workdir), c)
+
+
+def _check_resume(workdir: Path, c: ml_collections.ConfigDict) -> None:
+    path = workdir / "config.json"
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -128,8 +210,10 @@ def check_resume(workdir: str | os.PathLike, c: ml_collections.ConfigDict) -> No
 
 
 def write_results(path: str | os.PathLike, results: dict) -> None:
-    if is_primary():
-        _write_atomic(Path(path), json.dumps(results, indent=2, sort_keys=True, default=float))
+    with agreed():
+        if is_primary():
+            text = json.dumps(results, indent=2, sort_keys=True, default=float)
+            _write_atomic(Path(path), text)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
