@@ -31,10 +31,11 @@ fashion-mnist:
 demo: venv fashion-mnist
 	$(BIN)/python -m dnq_jax.train.demo --workdir demo_out
 
-# Two workers (pytest-xdist), one test file per worker at a time; TEST_WORKERS=0 runs in-process.
+# Two workers (pytest-xdist), each test file on one worker (its module fixtures built once);
+# TEST_WORKERS=0 runs in-process.
 TEST_WORKERS ?= 2
 test: venv fashion-mnist
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not multiprocess" -n $(TEST_WORKERS) --dist loadgroup tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not multiprocess" -n $(TEST_WORKERS) --dist loadfile tests
 
 # Two jax.distributed processes on 127.0.0.1 against one process (1-2 minutes on 2 busy cores).
 test-multiprocess: venv fashion-mnist

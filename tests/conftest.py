@@ -37,13 +37,3 @@ def smoke_run(tmp_path_factory):
     results = train_and_evaluate(resnet.get_config("smoke," + SMOKE_RUN), str(wd))
     return wd, results
 
-
-# `make test` runs two pytest-xdist workers (`--dist loadgroup`): every test file is one
-# group, so its module fixtures are built once, on one worker; the files that share the
-# session's smoke run share a group, so it is trained once.
-_GROUPS = {"test_train.py": "smoke_run", "test_report.py": "smoke_run"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_GROUPS.get(item.path.name, item.path.name)))
