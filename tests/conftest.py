@@ -37,23 +37,3 @@ def smoke_run(tmp_path_factory):
     results = train_and_evaluate(resnet.get_config("smoke," + SMOKE_RUN), str(wd))
     return wd, results
 
-
-# `make test` runs two pytest-xdist workers, each test file on one worker (--dist loadfile),
-# handed out in collection order. The longest files go first, so the run does not end
-# with one worker busy on a long file while the other idles; test_train.py (which trains
-# the session's smoke run) before test_report.py, so the second worker to need that run
-# finds its programs in the compilation cache.
-_LONGEST_FIRST = (
-    "test_faults.py",
-    "test_train.py",
-    "test_ptq_recon.py",
-    "test_benchmark.py",
-    "test_readme.py",
-    "test_report.py",
-    "test_grid.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
