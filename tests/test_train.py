@@ -72,24 +72,24 @@ def test_resumed_run_matches_uninterrupted_bit_exactly(smoke_run, tmp_path):
     np.testing.assert_array_equal(_epoch_losses(wd)[2:], _epoch_losses(resumed))
 
 
-def test_eight_devices_match_one_device(tmp_path):
+def test_eight_devices_match_one_device(smoke_run, tmp_path):
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (tests/conftest.py sets 8 host devices)")
-    runs = {}
-    for n in (1, 8):
-        wd = tmp_path / f"dev{n}"
-        # 20 steps: 5 epochs of 4, noise from epoch 1, SWA from epoch 2.
-        # A small learning rate keeps float reassociation (sharded reductions) from being
-        # amplified by ReLU/rounding flips into visible differences within 20 steps: at the
-        # smoke config's 0.05 the two curves drift ~1e-3 apart, while every single step
-        # still agrees to float rounding (test_each_sharded_step_matches_the_one_device_step).
-        c = _config(
-            f"optim.num_epochs=5,runtime.num_devices={n},eval.bits=w8a8,"
-            "optim.learning_rate=0.01,runtime.progress=False"
-        )
-        runs[n] = train_and_evaluate(c, str(wd))
-        runs[n]["losses"] = _epoch_losses(wd)
-        runs[n]["params"] = _final_params(wd)
+    # The session's 1-device smoke run (20 steps: 5 epochs of 4, noise from epoch 1, SWA
+    # from epoch 2) again on 8 devices. Its small learning rate keeps float reassociation
+    # (sharded reductions) from being amplified by ReLU/rounding flips into visible
+    # differences within 20 steps: at the smoke config's 0.05 the two curves drift ~1e-3
+    # apart, while every single step still agrees to float rounding
+    # (test_each_sharded_step_matches_the_one_device_step).
+    one_wd, _ = smoke_run
+    wd = tmp_path / "dev8"
+    train_and_evaluate(
+        _config(RUN.replace("num_devices=1", "num_devices=8") + ",eval.bits=w8a8"), str(wd)
+    )
+    runs = {
+        n: {"losses": _epoch_losses(w), "params": _final_params(w)}
+        for n, w in ((1, one_wd), (8, wd))
+    }
     np.testing.assert_allclose(runs[8]["losses"], runs[1]["losses"], rtol=1e-4)
     # Final (SWA) params: close in global norm; single elements drift further apart where a
     # ReLU or a rounding boundary flipped on one side only.
