@@ -110,8 +110,10 @@ def _listing(path) -> list[str] | None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """name -> (workdir, CompletedProcess) of the runs that need no interaction, started
-    together: each compiles mostly on one core, so two cores take them at once."""
+    """name -> (workdir, CompletedProcess) of the runs that need no interaction. The
+    reference and the NaN run start together (each compiles mostly on one core); the
+    rollback run, whose poisoned step is the NaN run's, starts when that one has finished
+    and finds its programs in the shared compilation cache."""
     base = tmp_path_factory.mktemp("runs")
     commands = {
         "reference": _train_cmd(base / "reference"),  # what every fault test is compared with
@@ -120,11 +122,18 @@ def runs(tmp_path_factory):
             base / "rollback", SMOKE + ",runtime.rollback_on_nan=True", nan_step=9
         ),
     }
-    procs = {k: (base / k, _start(cmd)) for k, cmd in commands.items()}
+    procs = {k: (base / k, _start(commands[k])) for k in ("reference", "nan")}
     out = {}
-    for k, (wd, proc) in procs.items():
+
+    def finish(k):
+        wd, proc = procs[k]
         stdout, stderr = _finish(proc)
         out[k] = (wd, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+
+    finish("nan")
+    procs["rollback"] = (base / "rollback", _start(commands["rollback"]))
+    finish("reference")
+    finish("rollback")
     return out
 
 
