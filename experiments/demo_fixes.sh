@@ -13,7 +13,7 @@
 #   bash experiments/demo_fixes.sh     (PYTHON=..., WORKDIR=...; resumes like every grid)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+source experiments/common.sh
 WORKDIR=${WORKDIR:-workdirs/demo_fixes}
 CONFIG="configs/resnet.py:model.name=resnet8,data.name=fashion_mnist,optim.batch_size=128"
 CONFIG+=",optim.steps_per_epoch=60,optim.num_epochs=10,optim.learning_rate=0.1"
@@ -21,21 +21,6 @@ CONFIG+=",optim.weight_decay=5e-4,noise.start_epoch=3,noise.ramp_epochs=3,swa.st
 CONFIG+=",eval.every_epochs=2,eval.batch_size=1000"
 CONFIG+=",runtime.ckpt_every_epochs=2,runtime.progress=False"
 W2A4="method=dnq,noise.w_bits=2,noise.a_bits=4,bits=w2a4"
-ARGS=(
-  --config "$CONFIG" --workdir "$WORKDIR" --seeds 0 --ptq rtn,qdrop --ptq-iters 50
-  --cell "w_scale:$W2A4,noise.w_scale=0.7071"
+run_grid demo_fixes "$WORKDIR" --config "$CONFIG" --seeds 0 --ptq rtn,qdrop --ptq-iters 50 \
+  --cell "w_scale:$W2A4,noise.w_scale=0.7071" \
   --cell "lambda_half:$W2A4,noise.lambda_max=0.5"
-)
-echo "command: $PYTHON -m dnq_jax.train.grid ${ARGS[*]}"
-echo "started: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPU cores, load: $(cut -d' ' -f1-3 /proc/loadavg)"
-SECONDS=0
-status=0
-"$PYTHON" -m dnq_jax.train.grid "${ARGS[@]}" || status=$?
-echo "wall time of this invocation: ${SECONDS} s (exit status $status)"
-if [ -f "$WORKDIR/grid.md" ]; then
-  mkdir -p experiments/results
-  for ext in md json png; do
-    if [ -f "$WORKDIR/grid.$ext" ]; then cp "$WORKDIR/grid.$ext" "experiments/results/demo_fixes.$ext"; fi
-  done
-fi
-exit $status

@@ -18,13 +18,8 @@
 # above; CELLS picks a subset. Results are copied to experiments/results/dnq_ablations.{md,json,png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+source experiments/common.sh
 WORKDIR=${WORKDIR:-workdirs/dnq_ablations}
-CONFIG="configs/resnet.py:model.name=resnet8,data.name=fashion_mnist,optim.batch_size=128"
-CONFIG+=",optim.learning_rate=0.1,optim.weight_decay=5e-4,optim.num_epochs=16"
-CONFIG+=",noise.start_epoch=8,noise.ramp_epochs=3,swa.start_epoch=12"
-CONFIG+=",eval.every_epochs=2,eval.batch_size=1000,runtime.ckpt_every_epochs=1"
-CONFIG+=",runtime.progress=False"
 W2A4="noise.w_bits=2,noise.a_bits=4,bits=w2a4"
 declare -A CELL=(
   [w_scale]="method=dnq,noise.w_scale=0.7071,$W2A4"
@@ -39,21 +34,9 @@ declare -A CELL=(
   [calib1024]="method=dnq,noise.n_calib=1024,$W2A4"
 )
 ORDER="w_scale swa wqn aqn naive accumulate ramp_cosine ramp_exp calib16 calib1024"
-ARGS=(--config "$CONFIG" --workdir "$WORKDIR" --seeds 0 --ptq rtn,qdrop --ptq-iters 200)
+ARGS=(--config "$TABLE_CONFIG" --seeds 0 --ptq rtn,qdrop --ptq-iters 200)
 for name in ${CELLS:-$ORDER}; do
   [ -n "${CELL[$name]:-}" ] || { echo "unknown cell $name; choose from: $ORDER" >&2; exit 2; }
   ARGS+=(--cell "$name:${CELL[$name]}")
 done
-echo "command: $PYTHON -m dnq_jax.train.grid ${ARGS[*]}"
-echo "started: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPU cores, load: $(cut -d' ' -f1-3 /proc/loadavg)"
-SECONDS=0
-status=0
-"$PYTHON" -m dnq_jax.train.grid "${ARGS[@]}" || status=$?
-echo "wall time of this invocation: ${SECONDS} s (exit status $status)"
-if [ -f "$WORKDIR/grid.md" ]; then
-  mkdir -p experiments/results
-  cp "$WORKDIR/grid.md" experiments/results/dnq_ablations.md
-  cp "$WORKDIR/grid.json" experiments/results/dnq_ablations.json
-  if [ -f "$WORKDIR/grid.png" ]; then cp "$WORKDIR/grid.png" experiments/results/dnq_ablations.png; fi
-fi
-exit $status
+run_grid dnq_ablations "$WORKDIR" "${ARGS[@]}"

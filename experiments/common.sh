@@ -1,0 +1,31 @@
+# Sourced by the experiment scripts: the table's training budget and one grid invocation that
+# prints its command, start and wall time, then copies the grid's tables and bars.
+PYTHON=${PYTHON:-python}
+
+# ResNet-8 on Fashion-MNIST, 16 epochs of 468 steps (batch 128, lr 0.1 cosine, wd 5e-4):
+# clean for epochs 0-7, noise from epoch 8 with lambda ramped over 3 epochs, SWA over epochs
+# 12-15 and BatchNorm re-estimated after it.
+TABLE_CONFIG="configs/resnet.py:model.name=resnet8,data.name=fashion_mnist,optim.batch_size=128"
+TABLE_CONFIG+=",optim.learning_rate=0.1,optim.weight_decay=5e-4,optim.num_epochs=16"
+TABLE_CONFIG+=",noise.start_epoch=8,noise.ramp_epochs=3,swa.start_epoch=12"
+TABLE_CONFIG+=",eval.every_epochs=2,eval.batch_size=1000,runtime.ckpt_every_epochs=1"
+TABLE_CONFIG+=",runtime.progress=False"
+
+# run_grid NAME WORKDIR GRID_ARGS...: runs the grid, then copies WORKDIR/grid.{md,json,png}
+# to experiments/results/NAME.*; returns the grid's exit status.
+run_grid() {
+  local name=$1 workdir=$2
+  shift 2
+  echo "command: $PYTHON -m dnq_jax.train.grid --workdir $workdir $*"
+  echo "started: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPU cores, load: $(cut -d' ' -f1-3 /proc/loadavg)"
+  SECONDS=0
+  local status=0
+  "$PYTHON" -m dnq_jax.train.grid --workdir "$workdir" "$@" || status=$?
+  echo "wall time of this invocation: ${SECONDS} s (exit status $status)"
+  mkdir -p experiments/results
+  local ext
+  for ext in md json png; do
+    if [ -f "$workdir/grid.$ext" ]; then cp "$workdir/grid.$ext" "experiments/results/$name.$ext"; fi
+  done
+  return $status
+}
