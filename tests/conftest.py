@@ -1,6 +1,8 @@
 """Test-wide setup: 8 fake CPU devices, a persistent compilation cache, and the finished
 smoke run that several test modules read."""
 
+import fcntl
+import json
 import os
 import tempfile
 
@@ -31,12 +33,22 @@ SMOKE_RUN = (
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
-    """(workdir, results) of one finished smoke run, trained once per test session. Read
-    it, or copy it before writing: every test that asks for it sees the same folder."""
+def smoke_run(tmp_path_factory, worker_id):
+    """(workdir, results) of one finished smoke run, trained once per test session, even
+    when pytest-xdist runs the session in several workers: the first worker to ask trains it
+    into the workers' shared temporary folder (holding a file lock) and the others read it.
+    `results` is what `train_and_evaluate` returned (saved beside the run for the other
+    workers). Read it, or copy it before writing: every test that asks for it sees the same
+    folder."""
     from configs import resnet
     from dnq_jax.train.loop import train_and_evaluate
 
-    wd = tmp_path_factory.mktemp("smoke")
-    results = train_and_evaluate(resnet.get_config("smoke," + SMOKE_RUN), str(wd))
-    return wd, results
+    base = tmp_path_factory.getbasetemp()
+    root = base if worker_id == "master" else base.parent  # xdist: shared by the workers
+    wd, returned = root / "smoke_run", root / "smoke_run_returned.json"
+    with open(root / "smoke_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not returned.exists():
+            results = train_and_evaluate(resnet.get_config("smoke," + SMOKE_RUN), str(wd))
+            returned.write_text(json.dumps(results))
+    return wd, json.loads(returned.read_text())
