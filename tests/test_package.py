@@ -69,6 +69,7 @@ def test_no_import_circles_and_floors_import_only_downwards():
             visit(m, [m])
     floors = {  # floor -> what it must not import
         "dnq_jax.errors": ("dnq_jax.",),
+        "dnq_jax.prng": ("dnq_jax.",),
         "dnq_jax.quant": ("dnq_jax.dnq", "dnq_jax.ptq", "dnq_jax.diagnostics", "dnq_jax.train"),
         "dnq_jax.taps": ("dnq_jax.dnq", "dnq_jax.ptq", "dnq_jax.diagnostics", "dnq_jax.train"),
         "dnq_jax.models": ("dnq_jax.dnq", "dnq_jax.ptq", "dnq_jax.diagnostics", "dnq_jax.train"),

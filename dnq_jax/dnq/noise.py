@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dnq_jax import taps
+from dnq_jax import prng, taps
 from dnq_jax.dnq.profiler import NoiseStats
 
 PyTree = Any
@@ -251,7 +251,7 @@ def activation_dropin(
       ValueError: on an unknown `mask`, rho outside [0, 1] or a non-positive tau.
     """
     _check_dropin_args(rho, mask, tau)
-    bits = _flat_draw(jax.random.bits, key, x.shape, jnp.uint32)
+    bits = prng.flat_draw(jax.random.bits, key, x.shape, dtype=jnp.uint32)
     eps = _dropin_noise(bits, lam, mu, sigma, _mask_probability(x, rho, mask, tau))
     # Drawn in float32 so bf16 inputs do not get a coarse uniform grid; only the finished
     # noise is cast.
@@ -309,7 +309,7 @@ def _site_shapes(graph: taps.Graph) -> list[Shape]:
 
 def _site_draw(key: jax.Array, graph: taps.Graph, batch: int) -> jax.Array:
     total = sum(math.prod(s) for s in _site_shapes(graph))
-    return _flat_draw(jax.random.bits, key, (int(batch), total), jnp.uint32)
+    return prng.flat_draw(jax.random.bits, key, (int(batch), total), dtype=jnp.uint32)
 
 
 def _check_dropin_args(rho, mask: str, tau) -> None:
@@ -328,12 +328,6 @@ def _check_batch(batch) -> None:
 
 
 # --- Layout helpers ------------------------------------------------------------------------
-
-
-def _flat_draw(draw: Callable, key: jax.Array, shape: Shape, dtype) -> jax.Array:
-    # XLA:CPU compiles threefry for an N-d shape several times slower than for the flat one;
-    # with partitionable threefry (the default) the reshaped flat draw holds the same values.
-    return draw(key, (math.prod(shape),), dtype).reshape(shape)
 
 
 def _cut(a: jax.Array, shapes: list[Shape]) -> list[jax.Array]:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dnq_jax import taps
+from dnq_jax import prng, taps
 from dnq_jax.ptq import blocks as blocks_lib
 from dnq_jax.ptq import calibration, fold, rounding
 from dnq_jax.ptq.rtn import Calibrated
@@ -148,18 +148,27 @@ class BlockProblem:
             {"v": "v", "s": "s"},
         )
         float_params = cal.variables["params"]
-        self.kernels, self.scales, self.zeros = {}, {}, {}
-        for k, layer in first.items():
-            w = taps.get_kernel(float_params, layer)
-            lo, hi = calibration.kernel_range(
-                w, self.bits[k], cal.w_calibrator, **cal.calib_options
-            )
-            self.kernels[k] = w
-            self.scales[k], self.zeros[k] = rounding.grid_of_range(lo, hi, self.bits[k])
+        self.kernels = {k: taps.get_kernel(float_params, layer) for k, layer in first.items()}
+
+        def grids(kernels):  # one compiled call per block, not a dozen small ones per kernel
+            out = {}
+            for k, w in kernels.items():
+                lo, hi = calibration.kernel_range(
+                    w, self.bits[k], cal.w_calibrator, **cal.calib_options
+                )
+                scale, zero = rounding.grid_of_range(lo, hi, self.bits[k])
+                out[k] = (scale, zero, rounding.init_rounding(w, scale))
+            return out
+
+        got = jax.jit(grids)(self.kernels)
+        self.scales = {k: g[0] for k, g in got.items()}
+        self.zeros = {k: g[1] for k, g in got.items()}
+        self._v0 = {k: g[2] for k, g in got.items()}
+        self._hard = jax.jit(self._hard_kernels)
 
     def init_trainable(self, ranges: calibration.Ranges) -> tuple[dict, dict]:
         """(rounding variables, activation grid) at round-to-nearest and the given ranges."""
-        v = {k: rounding.init_rounding(w, self.scales[k]) for k, w in self.kernels.items()}
+        v = dict(self._v0)
         act = {}
         for n in self.act_sites:
             lo, hi = ranges[n]
@@ -168,6 +177,9 @@ class BlockProblem:
 
     def hard_kernels(self, v: dict) -> dict:
         """``{kernel name: kernel}`` with the hard rounding decisions of `v` (on the grid)."""
+        return self._hard(v)
+
+    def _hard_kernels(self, v: dict) -> dict:
         return {
             k: rounding.rounded_kernel(
                 self.kernels[k], self.scales[k], self.zeros[k], self.bits[k], v[k], True
@@ -197,9 +209,8 @@ class BlockProblem:
             scale = jnp.maximum(act_scale[name], 1e-8)
             xq = rounding.lsq_fake_quant(x, scale, act_zero[name], self.a_bits[name])
             if drop > 0:
-                keep_float = jax.random.bernoulli(
-                    jax.random.fold_in(key, index[name]), drop, x.shape
-                )
+                k = jax.random.fold_in(key, index[name])
+                keep_float = prng.flat_draw(jax.random.bernoulli, k, x.shape, p=drop)
                 xq = jnp.where(keep_float, x, xq)
             return call(xq)
 

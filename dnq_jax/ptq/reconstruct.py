@@ -61,7 +61,11 @@ class _Runner:
         self.cal, self.found, self.n, self.batch = cal, found, n, batch
         self.capture = jax.jit(lambda *a: self._run(*a)[1])
         self.logits = jax.jit(lambda *a: self._run(*a)[0])
-        self.kl_grad = jax.jit(jax.grad(self._kl))
+        # BRECQ's Fisher weights (|g| + 1)^2 of every block's output, in the compiled call.
+        kl_grad = jax.grad(self._kl)
+        self.fisher_weights = jax.jit(
+            lambda *a: jax.tree.map(lambda g: (jnp.abs(g) + 1.0) ** 2, kl_grad(*a))
+        )
 
     def _run(self, params, ranges, enabled, images, deltas=None):
         cal = self.cal
@@ -109,10 +113,9 @@ class _Runner:
                  for name, (_, out) in shapes.items()}  # fmt: skip
 
         def fn(x, p):
-            return self.kl_grad(zeros, params, ranges, enabled, x, p)[block.name]
+            return self.fisher_weights(zeros, params, ranges, enabled, x, p)[block.name]
 
-        g = _batched(fn, self.n, batch, images, p_logits)
-        return jax.tree.map(lambda a: (jnp.abs(a) + 1.0) ** 2, g)
+        return _batched(fn, self.n, batch, images, p_logits)
 
 
 def _train_block(
