@@ -42,6 +42,89 @@ def _flat(tree):
     return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))])
 
 
+def test_each_sharded_step_matches_the_one_device_step():
+    """20 steps of the smoke config at its own learning rate (warm-up, noise, SWA); each step
+    also runs on 8 devices from the 1-device run's state, and the two agree to float
+    reassociation: the sharded step computes the same function, noise included."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets 8 host devices)")
+    c = _config("optim.num_epochs=5,runtime.progress=False")
+    r1, r8 = _pieces(c, 1), _pieces(c, 8)
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, r8.state)
+    state, worst = r1.state, {"loss": 0.0, "params": 0.0, "batch_stats": 0.0}
+    noisy_steps = 0
+    for epoch in range(c.optim.num_epochs):
+        noise_on = epoch >= c.noise.start_epoch
+        if noise_on:
+            fresh = r1.profile(state.variables(), r1.calib)
+            state = state.replace(noise_stats=profiler.ema_update(state.noise_stats, fresh))
+            assert all(float(jnp.max(s)) > 0 for s in state.noise_stats.w_sigma.values())
+        lam = jnp.float32(noise_lambda(c, epoch))
+        noisy_steps += r1.spe if float(lam) > 0 else 0
+        idx = np.asarray(
+            r1.epoch_indices(jax.random.fold_in(sub_key(root_key(state), KEY_SHUFFLE), epoch))
+        )
+        for k in range(r1.spe):
+            # A copy first: the 1-device step donates `state`.
+            s8 = jax.device_put(jax.tree_util.tree_map(jnp.copy, state), shardings)
+            s8, m8 = r8.chunk_fn(s8, r8.images, r8.labels, idx[k : k + 1], lam, noise_on)
+            state, m1 = r1.chunk_fn(state, r1.images, r1.labels, idx[k : k + 1], lam, noise_on)
+            rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+            worst["loss"] = max(worst["loss"], rel(np.asarray(m8["loss"]), np.asarray(m1["loss"])))
+            for part in ("params", "batch_stats"):
+                one, eight = _flat(getattr(state, part)), _flat(getattr(s8, part))
+                worst[part] = max(worst[part], rel(eight, one))
+    assert int(state.step) == 20 and noisy_steps >= 8  # the ramp starts at lambda 0
+    # Observed: loss 2e-7, batch_stats 3e-8, params 5e-5 (one ill-conditioned warm-up step;
+    # the others ~1e-8). A per-device BatchNorm or noise drawn per device would be off by
+    # orders of magnitude more.
+    assert worst["loss"] < 1e-5, worst
+    assert worst["batch_stats"] < 1e-5, worst
+    assert worst["params"] < 5e-4, worst
+
+
+def test_step_reports_a_poisoned_new_state_as_not_finite():
+    """The finiteness flag covers what the step writes, not only the loss and gradients."""
+    settings = StepSettings(weight_noise="accumulate")
+    run, state = _linear_step(settings, 0.1)
+    run = jax.jit(run, static_argnums=2)
+    new, m = run(state, 0.5, True)
+    assert bool(m["finite"]) and np.all(np.isfinite(new.params["Dense_0"]["kernel"]))
+    # A NaN noise statistic poisons only the accumulated sample added after the update:
+    # loss and gradients stay finite, the new params do not.
+    _, poisoned = _linear_step(settings, np.nan)
+    new, m = run(poisoned, 0.5, True)
+    assert np.isfinite(m["loss"]) and not np.all(np.isfinite(new.params["Dense_0"]["kernel"]))
+    assert not bool(m["finite"])
+
+
+def test_w_scale_scales_only_the_weight_perturbation():
+    """noise.w_scale multiplies the weight perturbation: with weight noise alone, the step at
+    lambda 0.5 and w_scale 0.5 is the step at lambda 0.25 and w_scale 1, and w_scale 0 is the
+    clean step."""
+
+    def loss(w_scale, lam, noise_on=True):
+        settings = StepSettings(weight_noise="differential", w_scale=w_scale)
+        run, state = _linear_step(settings, 0.3, step=1)
+        return float(run(state, lam, noise_on)[1]["loss"])
+
+    assert loss(0.5, 0.5) == pytest.approx(loss(1.0, 0.25), rel=1e-6)
+    assert loss(0.0, 0.5) == pytest.approx(loss(1.0, 0.5, noise_on=False), rel=1e-6)
+    assert loss(1.0, 0.5) != pytest.approx(loss(1.0, 0.5, noise_on=False), rel=1e-4)
+
+
+def test_profiler_images_follow_noise_n_calib_and_default_to_the_evaluations():
+    ds = builders.load_dataset(_config())
+    default = builders.profiler_images(_config(), ds)
+    c = _config()
+    want = np.asarray(
+        data.normalize(data.calibration_subset(ds, c.quant.n_calib, 0), ds.mean, ds.std)
+    )
+    np.testing.assert_array_equal(default, want)
+    own = builders.profiler_images(_config("noise.n_calib=5"), ds)
+    assert own.shape[0] == 5 and default.shape[0] == c.quant.n_calib != 5
+
+
 def test_smoke_trains_and_writes_results(smoke_run):
     wd, results = smoke_run
     on_disk = json.loads((wd / "results.json").read_text())
@@ -121,47 +204,6 @@ def _pieces(c, num_devices: int) -> SimpleNamespace:
     )
 
 
-def test_each_sharded_step_matches_the_one_device_step():
-    """20 steps of the smoke config at its own learning rate (warm-up, noise, SWA); each step
-    also runs on 8 devices from the 1-device run's state, and the two agree to float
-    reassociation: the sharded step computes the same function, noise included."""
-    if len(jax.devices()) < 8:
-        pytest.skip("needs 8 devices (tests/conftest.py sets 8 host devices)")
-    c = _config("optim.num_epochs=5,runtime.progress=False")
-    r1, r8 = _pieces(c, 1), _pieces(c, 8)
-    shardings = jax.tree_util.tree_map(lambda x: x.sharding, r8.state)
-    state, worst = r1.state, {"loss": 0.0, "params": 0.0, "batch_stats": 0.0}
-    noisy_steps = 0
-    for epoch in range(c.optim.num_epochs):
-        noise_on = epoch >= c.noise.start_epoch
-        if noise_on:
-            fresh = r1.profile(state.variables(), r1.calib)
-            state = state.replace(noise_stats=profiler.ema_update(state.noise_stats, fresh))
-            assert all(float(jnp.max(s)) > 0 for s in state.noise_stats.w_sigma.values())
-        lam = jnp.float32(noise_lambda(c, epoch))
-        noisy_steps += r1.spe if float(lam) > 0 else 0
-        idx = np.asarray(
-            r1.epoch_indices(jax.random.fold_in(sub_key(root_key(state), KEY_SHUFFLE), epoch))
-        )
-        for k in range(r1.spe):
-            # A copy first: the 1-device step donates `state`.
-            s8 = jax.device_put(jax.tree_util.tree_map(jnp.copy, state), shardings)
-            s8, m8 = r8.chunk_fn(s8, r8.images, r8.labels, idx[k : k + 1], lam, noise_on)
-            state, m1 = r1.chunk_fn(state, r1.images, r1.labels, idx[k : k + 1], lam, noise_on)
-            rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
-            worst["loss"] = max(worst["loss"], rel(np.asarray(m8["loss"]), np.asarray(m1["loss"])))
-            for part in ("params", "batch_stats"):
-                one, eight = _flat(getattr(state, part)), _flat(getattr(s8, part))
-                worst[part] = max(worst[part], rel(eight, one))
-    assert int(state.step) == 20 and noisy_steps >= 8  # the ramp starts at lambda 0
-    # Observed: loss 2e-7, batch_stats 3e-8, params 5e-5 (one ill-conditioned warm-up step;
-    # the others ~1e-8). A per-device BatchNorm or noise drawn per device would be off by
-    # orders of magnitude more.
-    assert worst["loss"] < 1e-5, worst
-    assert worst["batch_stats"] < 1e-5, worst
-    assert worst["params"] < 5e-4, worst
-
-
 def test_scanned_chunks_match_straight_line_and_resume_bit_exactly(smoke_run, tmp_path):
     """The GPU/TPU path forced on CPU: each epoch's 4 steps in one rolled `lax.scan`."""
     scan = _config(RUN + ",runtime.loop=scan,eval.bits=w8a8")
@@ -215,45 +257,3 @@ def _linear_step(settings, w_sigma, step=0):
         state, images, labels, jnp.arange(8), jnp.float32(lam), noise_on
     )
     return run, state
-
-
-def test_step_reports_a_poisoned_new_state_as_not_finite():
-    """The finiteness flag covers what the step writes, not only the loss and gradients."""
-    settings = StepSettings(weight_noise="accumulate")
-    run, state = _linear_step(settings, 0.1)
-    run = jax.jit(run, static_argnums=2)
-    new, m = run(state, 0.5, True)
-    assert bool(m["finite"]) and np.all(np.isfinite(new.params["Dense_0"]["kernel"]))
-    # A NaN noise statistic poisons only the accumulated sample added after the update:
-    # loss and gradients stay finite, the new params do not.
-    _, poisoned = _linear_step(settings, np.nan)
-    new, m = run(poisoned, 0.5, True)
-    assert np.isfinite(m["loss"]) and not np.all(np.isfinite(new.params["Dense_0"]["kernel"]))
-    assert not bool(m["finite"])
-
-
-def test_w_scale_scales_only_the_weight_perturbation():
-    """noise.w_scale multiplies the weight perturbation: with weight noise alone, the step at
-    lambda 0.5 and w_scale 0.5 is the step at lambda 0.25 and w_scale 1, and w_scale 0 is the
-    clean step."""
-
-    def loss(w_scale, lam, noise_on=True):
-        settings = StepSettings(weight_noise="differential", w_scale=w_scale)
-        run, state = _linear_step(settings, 0.3, step=1)
-        return float(run(state, lam, noise_on)[1]["loss"])
-
-    assert loss(0.5, 0.5) == pytest.approx(loss(1.0, 0.25), rel=1e-6)
-    assert loss(0.0, 0.5) == pytest.approx(loss(1.0, 0.5, noise_on=False), rel=1e-6)
-    assert loss(1.0, 0.5) != pytest.approx(loss(1.0, 0.5, noise_on=False), rel=1e-4)
-
-
-def test_profiler_images_follow_noise_n_calib_and_default_to_the_evaluations():
-    ds = builders.load_dataset(_config())
-    default = builders.profiler_images(_config(), ds)
-    c = _config()
-    want = np.asarray(
-        data.normalize(data.calibration_subset(ds, c.quant.n_calib, 0), ds.mean, ds.std)
-    )
-    np.testing.assert_array_equal(default, want)
-    own = builders.profiler_images(_config("noise.n_calib=5"), ds)
-    assert own.shape[0] == 5 and default.shape[0] == c.quant.n_calib != 5
