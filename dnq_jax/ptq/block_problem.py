@@ -160,15 +160,16 @@ class BlockProblem:
                 out[k] = (scale, zero, rounding.init_rounding(w, scale))
             return out
 
-        got = jax.jit(grids)(self.kernels)
+        self._grids = jax.jit(grids)
+        got = self._grids(self.kernels)
         self.scales = {k: g[0] for k, g in got.items()}
         self.zeros = {k: g[1] for k, g in got.items()}
-        self._v0 = {k: g[2] for k, g in got.items()}
         self._hard = jax.jit(self._hard_kernels)
 
     def init_trainable(self, ranges: calibration.Ranges) -> tuple[dict, dict]:
         """(rounding variables, activation grid) at round-to-nearest and the given ranges."""
-        v = dict(self._v0)
+        # Fresh arrays on every call (the compiled chunk donates its inputs); no new compile.
+        v = {k: g[2] for k, g in self._grids(self.kernels).items()}
         act = {}
         for n in self.act_sites:
             lo, hi = ranges[n]
