@@ -4,6 +4,7 @@
 # dnq with the noise modelled at W2A4:
 #   w_scale   the differential weight perturbation scaled by 1/sqrt(2), so its std equals
 #             the modelled quantization error's (a fix the method allows: noise.w_scale)
+#   lambda_half  the noise strength held at lambda = 0.5 after the ramp (noise.lambda_max)
 #   swa       SWA alone, no noise            wqn  weight noise only (no SWA)
 #   aqn       activation drop-in only (no SWA)
 #   naive / accumulate                       the biased weight-noise forms
@@ -23,6 +24,7 @@ WORKDIR=${WORKDIR:-workdirs/dnq_ablations}
 W2A4="noise.w_bits=2,noise.a_bits=4,bits=w2a4"
 declare -A CELL=(
   [w_scale]="method=dnq,noise.w_scale=0.7071,$W2A4"
+  [lambda_half]="method=dnq,noise.lambda_max=0.5,$W2A4"
   [swa]="method=swa,$W2A4"
   [wqn]="method=wqn,$W2A4"
   [aqn]="method=aqn,$W2A4"
@@ -33,7 +35,7 @@ declare -A CELL=(
   [calib16]="method=dnq,noise.n_calib=16,$W2A4"
   [calib1024]="method=dnq,noise.n_calib=1024,$W2A4"
 )
-ORDER="w_scale swa wqn aqn naive accumulate ramp_cosine ramp_exp calib16 calib1024"
+ORDER="w_scale lambda_half swa wqn aqn naive accumulate ramp_cosine ramp_exp calib16 calib1024"
 ARGS=(--config "$TABLE_CONFIG" --seeds 0 --ptq rtn,qdrop --ptq-iters 200)
 for name in ${CELLS:-$ORDER}; do
   [ -n "${CELL[$name]:-}" ] || { echo "unknown cell $name; choose from: $ORDER" >&2; exit 2; }
