@@ -363,7 +363,9 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     try:
         run_grid(cells, wd, ptq, args.ptq_iters, header, meta, train=not args.report_only)
     except Preempted as e:
-        print(f"dnq_jax grid: {e} Run the same command to resume the grid.", file=sys.stderr)
+        # The trainer's message already says to run the same command again: here that
+        # command is the grid's, which resumes the stopped cell and then the others.
+        print(f"dnq_jax grid: {e}", file=sys.stderr)
         return 0
     print((wd / "grid.md").read_text())
     print(f"wall time {time.time() - t0:.0f} s; written: {wd}/grid.md, {wd}/grid.json")
