@@ -33,7 +33,7 @@ SMOKE_RUN = (
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory, worker_id):
+def smoke_run(tmp_path_factory):
     """(workdir, results) of one finished smoke run, trained once per test session, even
     when pytest-xdist runs the session in several workers: the first worker to ask trains it
     into the workers' shared temporary folder (holding a file lock) and the others read it.
@@ -44,7 +44,8 @@ def smoke_run(tmp_path_factory, worker_id):
     from dnq_jax.train.loop import train_and_evaluate
 
     base = tmp_path_factory.getbasetemp()
-    root = base if worker_id == "master" else base.parent  # xdist: shared by the workers
+    # Under pytest-xdist each worker's base folder sits in one shared by all the workers.
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     wd, returned = root / "smoke_run", root / "smoke_run_returned.json"
     with open(root / "smoke_run.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
