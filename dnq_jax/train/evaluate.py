@@ -12,6 +12,7 @@ shows progress and writes ptq_results.json.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -121,9 +122,17 @@ def evaluate_variables(
     return results
 
 
+_PRECISION = re.compile(r"^w\d+a\d+$")
+
+
+def is_accuracy_key(key: str) -> bool:
+    """Whether a results key holds a top-1 accuracy: 'fp32' or a precision such as 'w4a4'."""
+    return key == "fp32" or bool(_PRECISION.match(key))
+
+
 def format_table(results: dict, title: str = "") -> str:
     """A plain-text table: one row per precision, FP32 first."""
-    keys = ["fp32"] + [k for k in results if k.startswith("w") and k[1:2].isdigit()]
+    keys = ["fp32"] + [k for k in results if k != "fp32" and is_accuracy_key(k)]
     lines = [title] if title else []
     lines += ["precision   top-1 (%)", "---------   ---------"]
     lines += [f"{k.upper():<11} {results[k]:>9.2f}" for k in keys if k in results]

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -50,8 +49,6 @@ from dnq_jax.errors import CheckpointError, ConfigError
 from dnq_jax.train import config as config_lib
 from dnq_jax.train import evaluate as train_eval
 from dnq_jax.train import metrics, report_md, workdir
-
-_BITS = re.compile(r"^w\d+a\d+$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,7 +275,8 @@ def collect_ptq(wd: str | Path) -> list[dict]:
         st = r.get("settings", {})
         # FP32, then the precisions in the order evaluated (the files sort their keys).
         order = ["fp32", *st.get("bits", []), *sorted(r)]
-        acc = {k: float(r[k]) for k in dict.fromkeys(order) if k in r and _ptq_key(k)}
+        keys = [k for k in dict.fromkeys(order) if k in r and train_eval.is_accuracy_key(k)]
+        acc = {k: float(r[k]) for k in keys}
         row = {
             "method": st.get("method", "rtn"),
             "iters": st.get("iters", 0),
@@ -291,10 +289,6 @@ def collect_ptq(wd: str | Path) -> list[dict]:
         else:
             rows.append({**row, "sources": [name]})
     return rows
-
-
-def _ptq_key(k: str) -> bool:
-    return k == "fp32" or bool(_BITS.match(k))
 
 
 def _check_finished(wd: Path) -> None:
