@@ -12,10 +12,15 @@ TABLE_CONFIG+=",eval.every_epochs=2,eval.batch_size=1000,runtime.ckpt_every_epoc
 TABLE_CONFIG+=",runtime.progress=False"
 
 # run_grid NAME WORKDIR GRID_ARGS...: runs the grid, then copies WORKDIR/grid.{md,json,png}
-# to experiments/results/NAME.*; returns the grid's exit status.
+# to experiments/results/NAME.*; returns the grid's exit status. The committed
+# experiments/results/NAME.json is included (--include): cells finished in an earlier sitting,
+# whose folders may be gone (another machine, a fresh clone), are not run again.
 run_grid() {
   local name=$1 workdir=$2
   shift 2
+  if [ -f "experiments/results/$name.json" ]; then
+    set -- "$@" --include "experiments/results/$name.json"
+  fi
   echo "command: $PYTHON -m dnq_jax.train.grid --workdir $workdir $*"
   echo "started: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPU cores, load: $(cut -d' ' -f1-3 /proc/loadavg)"
   SECONDS=0

@@ -122,6 +122,33 @@ def test_new_bit_widths_are_evaluated_without_training_again(killed_grid, monkey
     assert set(doc["cells"][1]["ptq"]["rtn"]) == {"w8a8", "w4a4", "w2a4"}
 
 
+def test_a_grid_counts_the_finished_cells_of_an_included_earlier_grid(
+    killed_grid, tmp_path, monkeypatch
+):
+    wd, doc, *_ = killed_grid
+    old = tmp_path / "old_grid.json"
+    old.write_text(json.dumps({**doc, "config": RUN, "ptq_iters": 0}))
+    cells = _cells()
+    included = grid.load_included([old], cells, RUN, ["rtn"], 0)
+    assert sorted(included) == ["dnq_s0", "dnq_s1"]
+    monkeypatch.setattr(loop, "train_and_evaluate", lambda *a, **k: pytest.fail("trained"))
+    new = grid.run_grid(cells, tmp_path / "elsewhere", included=included)
+    assert new["summary"] == doc["summary"] and new["pending"] == []
+    assert [c["included_from"] for c in new["cells"]] == [str(old)] * 2
+    md = (tmp_path / "elsewhere" / "grid.md").read_text()
+    assert "| dnq_s1* | 1 |" in md and f"included from an earlier grid, {old}" in md
+    # Not usable: a PTQ method or a bit-width the earlier grid did not measure.
+    assert grid.load_included([old], cells, RUN, ["rtn", "qdrop"], 0) == {}
+    assert grid.load_included([old], _cells(bits="w2a4"), RUN, ["rtn"], 0) == {}
+    # Another base config or iteration count is refused, naming what differs.
+    with pytest.raises(ConfigError, match="config"):
+        grid.load_included([old], cells, RUN + ",optim.learning_rate=0.2", ["rtn"], 0)
+    with pytest.raises(ConfigError, match="ptq_iters"):
+        grid.load_included([old], cells, RUN, ["rtn"], 50)
+    with pytest.raises(ConfigError, match="not a grid.json"):
+        grid.load_included([tmp_path / "missing.json"], cells, RUN, ["rtn"], 0)
+
+
 def test_summary_matches_numpy_per_setting_method_and_bits():
     rng = np.random.default_rng(0)
     records = []

@@ -22,6 +22,11 @@ trainer's own rule), and a PTQ result already in `ptq_<method>.json` with the sa
 is not recomputed. After each cell, `W/grid.json`, `W/grid.md` and `W/grid.png` are
 rewritten: mean ± sample std over seeds per (setting, PTQ method, precision), as a table and
 as bars, and one row per finished cell.
+
+A grid can also span machines whose cell folders are gone: `--include OLD/grid.json`
+(repeatable) takes the finished cells of an earlier grid of the same `--config` and PTQ
+settings as finished here (not trained again; their rows are marked as included), so seeds run
+elsewhere join one mean ± std.
 """
 
 from __future__ import annotations
@@ -236,6 +241,47 @@ def _merge(old: dict, new: dict) -> dict:
     return out
 
 
+def load_included(
+    paths: Iterable[str | Path], cells: list[Cell], config: str, ptq: list[str], iters: int
+) -> dict[str, dict]:
+    """Finished cells of earlier grids (their grid.json) that stand for cells of this one.
+
+    Each file must come from a grid of the same `--config` string and reconstruction iteration
+    count (ConfigError otherwise). A record is taken for the cell of the same name when its
+    overrides are the cell's and it holds every PTQ method at every bit-width the cell
+    evaluates; other records are left out, and what was left out is printed.
+    """
+    by_name = {c.name: c for c in cells}
+    out: dict[str, dict] = {}
+    for path in map(Path, paths):
+        doc = _read(path)
+        if "cells" not in doc:
+            raise ConfigError(f"--include: {path} is not a grid.json (no 'cells')")
+        for key, want in (("config", config), ("ptq_iters", iters)):
+            if doc.get(key) != want:
+                raise ConfigError(
+                    f"--include: {path} was run with {key} {doc.get(key)!r}, this grid with "
+                    f"{want!r}; only a grid of the same settings can be included"
+                )
+        skipped = []
+        for r in doc["cells"]:
+            cell = by_name.get(r.get("name"))
+            keys = [f"w{w}a{a}" for w, a in cell.bits] if cell else []
+            usable = (
+                cell is not None
+                and r.get("overrides") == cell.overrides
+                and all(k in r.get("ptq", {}).get(m, {}) for m in ptq for k in keys)
+            )
+            if not usable:
+                skipped.append(str(r.get("name")))
+                continue
+            ptq_accs = {m: {k: r["ptq"][m][k] for k in keys} for m in ptq}
+            out[cell.name] = {**r, "ptq": ptq_accs, "included_from": str(path)}
+        if skipped:
+            print(f"dnq_jax grid: --include {path}: not this grid's cells: {', '.join(skipped)}")
+    return out
+
+
 def _bits_text(bits: Bits) -> str:
     return ",".join(f"w{w}a{a}" for w, a in bits)
 
@@ -248,10 +294,13 @@ def run_grid(
     header: Iterable[str] = (),
     meta: dict | None = None,
     train: bool = True,
+    included: dict[str, dict] | None = None,
 ) -> dict:
     """Train (or resume) and evaluate every cell in order; rewrite the report after each.
 
     Returns what grid.json holds. `train=False` only reports what is already there.
+    `included` (cell name -> record, see `load_included`): cells finished elsewhere, reported
+    and not trained unless this workdir holds their own finished results.
     """
     from dnq_jax.train import builders
     from dnq_jax.train.loop import train_and_evaluate
@@ -264,11 +313,13 @@ def run_grid(
     header = list(header) or [f"# Grid: {len(cells)} cells"]
     meta = {**(meta or {}), "ptq": ptq, "ptq_iters": ptq_iters}
     datasets: dict[tuple, object] = {}
+    included = included or {}
 
     def report() -> dict:
         records, pending = [], []
         for cell in cells:
             r = collect(cell, wd / "cells" / cell.name, ptq, ptq_iters)
+            r = r or included.get(cell.name)
             if r is None:
                 pending.append(cell.name)
             else:
@@ -286,6 +337,9 @@ def run_grid(
         cwd = wd / "cells" / cell.name
         done = _trained(cwd, cell.config)
         if done and collect(cell, cwd, ptq, ptq_iters) is not None:
+            continue
+        if cell.name in included:
+            print(f"dnq_jax grid: {cell.name} from {included[cell.name]['included_from']}")
             continue
         key = _data_key(cell.config)
         if key not in datasets:
@@ -323,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         "--ptq-iters", type=int, default=0, help="reconstruction iterations (0 = default)"
     )
     p.add_argument("--bits", default="", help="bit-widths of cells without their own (wXaY,...)")
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        help="an earlier grid.json of the same settings whose finished cells count here",
+    )
     p.add_argument("--report-only", action="store_true", help="write the report, train nothing")
     p.add_argument("--verbose", action="store_true", help="tracebacks for expected errors")
     args = p.parse_args(argv)
@@ -357,11 +417,12 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
         f"device: {device}",
         f"PTQ: {', '.join(ptq)} (reconstruction: {iters}); cells: {len(cells)}",
     ]
+    included = load_included(args.include, cells, args.config, ptq, args.ptq_iters)
     meta = {"command": command, "device": device, "config": args.config, "seeds": seeds}
     print(f"{command}\ndevice: {device} ({jax.default_backend()})", flush=True)
     t0 = time.time()
     try:
-        run_grid(cells, wd, ptq, args.ptq_iters, header, meta, train=not args.report_only)
+        run_grid(cells, wd, ptq, args.ptq_iters, header, meta, not args.report_only, included)
     except Preempted as e:
         # The trainer's message already says to run the same command again: here that
         # command is the grid's, which resumes the stopped cell and then the others.

@@ -2,7 +2,8 @@
 
 Pure functions of the cell records `grid.py` collects (no JAX), so the arithmetic is tested
 on its own. A record is a dict: `name` (cell), `setting`, `seed`, `fp32`, `train_time_s`,
-and `ptq` = {PTQ method: {'w4a4': top-1, ...}}.
+and `ptq` = {PTQ method: {'w4a4': top-1, ...}}; a cell taken from an earlier grid also has
+`included_from` (that grid.json's path).
 """
 
 from __future__ import annotations
@@ -85,13 +86,19 @@ def markdown(header: list[str], records: list[dict], pending: list[str]) -> str:
         "train time (s) |",
         "|---|---|---|" + "---|" * len(cols) + "---|",
     ]
+    sources: dict[str, list[str]] = {}
     for r in records:
         accs = [r["ptq"].get(m, {}).get(b) for m, b in cols]
         shown = " | ".join("-" if a is None else f"{a:.2f}" for a in accs)
+        mark = "*" if "included_from" in r else ""
         lines.append(
-            f"| {r['name']} | {r['seed']} | {r['fp32']:.2f} | {shown} | "
+            f"| {r['name']}{mark} | {r['seed']} | {r['fp32']:.2f} | {shown} | "
             f"{r.get('train_time_s', 0):.0f} |"
         )
+        if mark:
+            sources.setdefault(r["included_from"], []).append(r["name"])
+    for path, names in sources.items():
+        lines += ["", f"\\* included from an earlier grid, {path}: {', '.join(names)}."]
     if pending:
         lines += ["", f"Not finished yet: {', '.join(pending)}."]
     return "\n".join(lines) + "\n"
