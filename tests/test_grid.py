@@ -6,17 +6,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import SMOKE_RUN
 
 from configs import resnet
 from dnq_jax.errors import ConfigError
 from dnq_jax.train import checkpoint, grid, grid_report, loop, metrics
 
-# test_train.py's smoke run (so its compiled steps are in the test cache): 5 epochs of 4
-# steps, noise from epoch 1, SWA from epoch 2, a checkpoint per epoch.
-RUN = (
-    "smoke,optim.num_epochs=5,runtime.keep_checkpoints=10,runtime.num_devices=1,"
-    "runtime.progress=False"
-)
+# The session's smoke run (conftest.py): 5 epochs of 4 steps, noise from epoch 1, SWA from
+# epoch 2, a checkpoint per epoch. Its steps are in the test cache, and cell dnq_s0 (smoke's
+# method and seed) is that very run, trained alone.
+RUN = "smoke," + SMOKE_RUN
 
 
 class Killed(Exception):
@@ -76,12 +75,13 @@ def test_killed_grid_resumes_skipping_finished_cells(killed_grid):
     assert [c["name"] for c in doc["cells"]] == ["dnq_s0", "dnq_s1"] and doc["pending"] == []
 
 
-def test_grid_cell_equals_the_same_config_run_alone(killed_grid, tmp_path):
+def test_grid_cell_equals_the_same_config_run_alone(killed_grid, smoke_run):
     wd, doc, *_ = killed_grid
-    alone = loop.train_and_evaluate(resnet.get_config(RUN + ",method=dnq,seed=0"), str(tmp_path))
+    alone_wd, alone = smoke_run
+    assert resnet.get_config(RUN) == resnet.get_config(RUN + ",method=dnq,seed=0")
     cell = wd / "cells" / "dnq_s0"
     restore = lambda p: ocp.StandardCheckpointer().restore((p / "final").absolute())
-    jax.tree_util.tree_map(np.testing.assert_array_equal, restore(cell), restore(tmp_path))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restore(cell), restore(alone_wd))
     on_disk = json.loads((cell / "results.json").read_text())
     ptq_rtn = json.loads((cell / "ptq_rtn.json").read_text())
     for key in ("fp32", "w8a8", "w4a4"):

@@ -40,7 +40,7 @@ class ResNetLike(nn.Module):
         return nn.Dense(8, name="head")(x.reshape(x.shape[0], -1))
 
 
-ITERS = 200
+ITERS = 100
 W2A4 = dict(w_bits=2, a_bits=4)
 
 
