@@ -137,6 +137,13 @@ def test_a_grid_counts_the_finished_cells_of_an_included_earlier_grid(
     assert [c["included_from"] for c in new["cells"]] == [str(old)] * 2
     md = (tmp_path / "elsewhere" / "grid.md").read_text()
     assert "| dnq_s1* | 1 |" in md and f"included from an earlier grid, {old}" in md
+    # A grid of another setting keeps the earlier cells' rows (first) and trains only its own.
+    other = grid.make_cells(resnet.get_config, RUN, seeds=[0], settings=["other:method=sgd"])
+    carried = grid.load_included([old], other, RUN, ["rtn"], 0)
+    assert carried == included
+    doc2 = grid.run_grid(other, tmp_path / "other", train=False, included=carried)
+    assert [c["name"] for c in doc2["cells"]] == ["dnq_s0", "dnq_s1"]
+    assert doc2["pending"] == ["other_s0"]
     # Not usable: a PTQ method or a bit-width the earlier grid did not measure.
     assert grid.load_included([old], cells, RUN, ["rtn", "qdrop"], 0) == {}
     assert grid.load_included([old], _cells(bits="w2a4"), RUN, ["rtn"], 0) == {}

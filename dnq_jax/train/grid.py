@@ -26,7 +26,8 @@ as bars, and one row per finished cell.
 A grid can also span machines whose cell folders are gone: `--include OLD/grid.json`
 (repeatable) takes the finished cells of an earlier grid of the same `--config` and PTQ
 settings as finished here (not trained again; their rows are marked as included), so seeds run
-elsewhere join one mean ± std.
+elsewhere join one mean ± std; its cells of settings this grid does not have are reported
+too, so a grid run for a few settings keeps the others' rows.
 """
 
 from __future__ import annotations
@@ -244,12 +245,14 @@ def _merge(old: dict, new: dict) -> dict:
 def load_included(
     paths: Iterable[str | Path], cells: list[Cell], config: str, ptq: list[str], iters: int
 ) -> dict[str, dict]:
-    """Finished cells of earlier grids (their grid.json) that stand for cells of this one.
+    """Finished cells of earlier grids (their grid.json), by name, to report with this one.
 
     Each file must come from a grid of the same `--config` string and reconstruction iteration
-    count (ConfigError otherwise). A record is taken for the cell of the same name when its
-    overrides are the cell's and it holds every PTQ method at every bit-width the cell
-    evaluates; other records are left out, and what was left out is printed.
+    count (ConfigError otherwise). A record named like a cell of this grid stands for it when
+    its overrides are the cell's and it holds every PTQ method at every bit-width the cell
+    evaluates (else the cell runs here). A record of another setting is carried over as it is
+    when it holds every PTQ method, so a grid run for some settings keeps the others' rows.
+    What is left out is printed.
     """
     by_name = {c.name: c for c in cells}
     out: dict[str, dict] = {}
@@ -265,20 +268,25 @@ def load_included(
                 )
         skipped = []
         for r in doc["cells"]:
-            cell = by_name.get(r.get("name"))
-            keys = [f"w{w}a{a}" for w, a in cell.bits] if cell else []
-            usable = (
-                cell is not None
-                and r.get("overrides") == cell.overrides
-                and all(k in r.get("ptq", {}).get(m, {}) for m in ptq for k in keys)
-            )
+            cell, have = by_name.get(r.get("name")), r.get("ptq", {})
+            if cell is None:  # another setting: carried with all its bit-widths
+                keys = {m: list(have.get(m, {})) for m in ptq}
+                usable = all(keys.values())
+            else:
+                keys = {m: [f"w{w}a{a}" for w, a in cell.bits] for m in ptq}
+                usable = r.get("overrides") == cell.overrides and all(
+                    k in have.get(m, {}) for m in ptq for k in keys[m]
+                )
             if not usable:
                 skipped.append(str(r.get("name")))
                 continue
-            ptq_accs = {m: {k: r["ptq"][m][k] for k in keys} for m in ptq}
-            out[cell.name] = {**r, "ptq": ptq_accs, "included_from": str(path)}
+            ptq_accs = {m: {k: have[m][k] for k in keys[m]} for m in ptq}
+            out[r["name"]] = {**r, "ptq": ptq_accs, "included_from": str(path)}
         if skipped:
-            print(f"dnq_jax grid: --include {path}: not this grid's cells: {', '.join(skipped)}")
+            print(
+                f"dnq_jax grid: --include {path}: left out (other overrides, or PTQ results "
+                f"missing): {', '.join(skipped)}"
+            )
     return out
 
 
@@ -300,7 +308,8 @@ def run_grid(
 
     Returns what grid.json holds. `train=False` only reports what is already there.
     `included` (cell name -> record, see `load_included`): cells finished elsewhere, reported
-    and not trained unless this workdir holds their own finished results.
+    and not trained unless this workdir holds their own finished results; records of settings
+    this grid does not have are reported first.
     """
     from dnq_jax.train import builders
     from dnq_jax.train.loop import train_and_evaluate
@@ -316,7 +325,9 @@ def run_grid(
     included = included or {}
 
     def report() -> dict:
-        records, pending = [], []
+        names = {c.name for c in cells}
+        records = [r for n, r in included.items() if n not in names]  # other settings first
+        pending = []
         for cell in cells:
             r = collect(cell, wd / "cells" / cell.name, ptq, ptq_iters)
             r = r or included.get(cell.name)
