@@ -14,13 +14,17 @@ TABLE_CONFIG+=",runtime.progress=False"
 # run_grid NAME WORKDIR GRID_ARGS...: runs the grid, then copies WORKDIR/grid.{md,json,png}
 # to experiments/results/NAME.*; returns the grid's exit status. The committed
 # experiments/results/NAME.json is included (--include): cells finished in an earlier sitting,
-# whose folders may be gone (another machine, a fresh clone), are not run again.
+# whose folders may be gone (another machine, a fresh clone), are not run again, and cells
+# parked under experiments/parked/NAME/ resume where they stopped.
 run_grid() {
   local name=$1 workdir=$2
   shift 2
   if [ -f "experiments/results/$name.json" ]; then
     set -- "$@" --include "experiments/results/$name.json"
   fi
+  # Cells an earlier sitting left unfinished resume from their parked checkpoints
+  # (`$PYTHON experiments/park.py save $workdir $name` packs them; commit experiments/parked/).
+  "$PYTHON" experiments/park.py restore "$workdir" "$name"
   echo "command: $PYTHON -m dnq_jax.train.grid --workdir $workdir $*"
   echo "started: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPU cores, load: $(cut -d' ' -f1-3 /proc/loadavg)"
   SECONDS=0

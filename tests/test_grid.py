@@ -1,6 +1,8 @@
 """The experiment grid: a cell is its run alone, a killed grid resumes, mean ± std over seeds."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,6 +18,13 @@ from dnq_jax.train import checkpoint, grid, grid_report, loop, metrics
 # epoch 2, a checkpoint per epoch. Its steps are in the test cache, and cell dnq_s0 (smoke's
 # method and seed) is that very run, trained alone.
 RUN = "smoke," + SMOKE_RUN
+
+
+_spec = importlib.util.spec_from_file_location(
+    "park", Path(__file__).resolve().parent.parent / "experiments" / "park.py"
+)
+park = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(park)
 
 
 class Killed(Exception):
@@ -46,6 +55,8 @@ def killed_grid(tmp_path_factory):
     first = wd / "cells" / "dnq_s0"
     times = {f: (first / f).stat().st_mtime_ns for f in ("results.json", "ptq_rtn.json")}
     partial = json.loads((wd / "grid.json").read_text())
+    # The sitting's end: experiments/park.py packs the unfinished cell for the next clone.
+    assert park.save(wd, wd.parent / "parked") == ["dnq_s1"]
     trained = []
     real_train = loop.train_and_evaluate
 
@@ -73,6 +84,24 @@ def test_killed_grid_resumes_skipping_finished_cells(killed_grid):
     epochs = [r["epoch"] for r in metrics.read(wd / "cells" / "dnq_s1") if "epoch" in r]
     assert epochs == [1, 2, 3, 4, 5]
     assert [c["name"] for c in doc["cells"]] == ["dnq_s0", "dnq_s1"] and doc["pending"] == []
+
+
+def test_a_parked_cell_resumes_in_a_fresh_workdir_to_the_uninterrupted_result(killed_grid):
+    wd, *_ = killed_grid
+    parked, fresh = wd.parent / "parked", wd.parent / "fresh_clone"
+    assert park.restore(fresh, parked) == ["dnq_s1"]
+    assert park.restore(fresh, parked) == []  # never over a cell already there
+    epochs = [r["epoch"] for r in metrics.read(fresh / "cells" / "dnq_s1") if "epoch" in r]
+    assert epochs == [1, 2]  # the rows up to the parked step-8 checkpoint
+    grid.run_grid(_cells()[1:], fresh)
+    restore = lambda p: ocp.StandardCheckpointer().restore((p / "final").absolute())
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal,
+        restore(fresh / "cells" / "dnq_s1"),
+        restore(wd / "cells" / "dnq_s1"),
+    )
+    # Finished now: the next save drops the parked copy.
+    assert park.save(fresh, parked) == [] and not list(parked.iterdir())
 
 
 def test_grid_cell_equals_the_same_config_run_alone(killed_grid, smoke_run):

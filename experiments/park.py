@@ -1,0 +1,121 @@
+"""Carry an experiment grid's unfinished cells from one sitting (or machine) to the next.
+
+A cell of the table trains for over an hour on a 2-core CPU, and a sitting that ends kills it:
+its checkpoints live in the git-ignored workdir, which a fresh clone does not have. `save`
+packs each unfinished cell's newest complete checkpoint, its config.json and its metrics rows
+up to that step into `experiments/parked/<grid>/<cell>.tar.gz` (under 1 MB for ResNet-8), to
+be committed; `restore` unpacks them into a workdir that does not hold the cell yet, where the
+grid resumes the cell from that checkpoint (the trainer's own resume: bit-exact). The
+experiment scripts restore before they run; a parked cell that has since finished is removed
+by the next `save`.
+
+  python experiments/park.py save workdirs/dnq_table dnq_table
+  python experiments/park.py restore workdirs/dnq_table dnq_table
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dnq_jax.train.checkpoint import is_finalized  # noqa: E402
+
+
+def _newest_checkpoint(cell: Path) -> Path | None:
+    ck = cell / "checkpoints"
+    steps = (
+        sorted(
+            (p for p in ck.iterdir() if p.name.isdigit() and is_finalized(p)),
+            key=lambda p: int(p.name),
+        )
+        if ck.is_dir()
+        else []
+    )
+    return steps[-1] if steps else None
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def save(workdir: Path, parked: Path) -> list[str]:
+    """Pack every unfinished cell with a complete checkpoint; drop parked cells now finished."""
+    out = []
+    for cell in sorted((workdir / "cells").glob("*")):
+        archive = parked / f"{cell.name}.tar.gz"
+        if (cell / "results.json").exists():
+            if archive.exists():
+                archive.unlink()
+                print(f"{cell.name}: finished, parked copy removed")
+            continue
+        step = _newest_checkpoint(cell)
+        if step is None or not (cell / "config.json").exists():
+            continue
+        rows = (
+            [
+                line
+                for line in (cell / "metrics.jsonl").read_text().splitlines()
+                if line.strip() and _row_step(line) <= int(step.name)
+            ]
+            if (cell / "metrics.jsonl").exists()
+            else []
+        )
+        parked.mkdir(parents=True, exist_ok=True)
+        tmp = archive.with_suffix(".tmp")
+        with tarfile.open(tmp, "w:gz") as tar:
+            tar.add(cell / "config.json", "config.json")
+            _add_bytes(tar, "metrics.jsonl", "".join(r + "\n" for r in rows).encode())
+            tar.add(step, f"checkpoints/{step.name}")
+        tmp.replace(archive)
+        out.append(cell.name)
+        print(f"{cell.name}: parked at step {step.name} ({archive.stat().st_size // 1024} KB)")
+    return out
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return sys.maxsize  # a torn row is left out
+
+
+def restore(workdir: Path, parked: Path) -> list[str]:
+    """Unpack each parked cell whose folder the workdir does not have."""
+    out = []
+    for archive in sorted(parked.glob("*.tar.gz")):
+        name = archive.name[: -len(".tar.gz")]
+        cell = workdir / "cells" / name
+        if cell.exists():
+            continue
+        with tarfile.open(archive) as tar:
+            tar.extractall(cell, filter="data")
+        out.append(name)
+        print(f"{name}: restored from {archive}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("action", choices=["save", "restore"])
+    p.add_argument("workdir", type=Path, help="the grid's workdir (it has cells/)")
+    p.add_argument("name", help="the experiment's name: experiments/parked/<name>/")
+    args = p.parse_args(argv)
+    parked = ROOT / "experiments" / "parked" / args.name
+    if args.action == "save":
+        save(args.workdir, parked)
+    else:
+        restore(args.workdir, parked)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
