@@ -9,6 +9,9 @@
 #   w_scale     noise.w_scale=0.7071: the differential perturbation's std equals the
 #               modelled quantization error's instead of sqrt(2) times it
 #   lambda_half noise.lambda_max=0.5: half the modelled error, weights and activations
+# and which half of the noise costs the FP32 accuracy (SWA kept, unlike method=wqn/aqn):
+#   w_only      noise.act=False: the differential weight noise alone
+#   a_only      noise.weight=none: the activation drop-in alone
 #
 #   bash experiments/demo_fixes.sh     (PYTHON=..., WORKDIR=...; resumes like every grid)
 set -euo pipefail
@@ -23,4 +26,6 @@ CONFIG+=",runtime.ckpt_every_epochs=2,runtime.progress=False"
 W2A4="method=dnq,noise.w_bits=2,noise.a_bits=4,bits=w2a4"
 run_grid demo_fixes "$WORKDIR" --config "$CONFIG" --seeds 0 --ptq rtn,qdrop --ptq-iters 50 \
   --cell "w_scale:$W2A4,noise.w_scale=0.7071" \
-  --cell "lambda_half:$W2A4,noise.lambda_max=0.5"
+  --cell "lambda_half:$W2A4,noise.lambda_max=0.5" \
+  --cell "w_only:$W2A4,noise.act=False" \
+  --cell "a_only:$W2A4,noise.weight=none"
