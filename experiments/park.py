@@ -97,10 +97,23 @@ def restore(workdir: Path, parked: Path) -> list[str]:
         if cell.exists():
             continue
         with tarfile.open(archive) as tar:
-            tar.extractall(cell, filter="data")
+            _extract(tar, cell)
         out.append(name)
         print(f"{name}: restored from {archive}")
     return out
+
+
+def _extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Extract plain files and folders under `dest` only (Python's 'data' filter where it
+    exists; the same checks by hand on a Python 3.11 older than 3.11.4)."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    for m in tar.getmembers():
+        parts = Path(m.name).parts
+        if Path(m.name).is_absolute() or ".." in parts or not (m.isfile() or m.isdir()):
+            raise ValueError(f"{tar.name}: refusing to extract {m.name!r}")
+    tar.extractall(dest)
 
 
 def main(argv: list[str] | None = None) -> int:
