@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dnq_jax.train import metrics  # noqa: E402
 from dnq_jax.train.checkpoint import is_finalized  # noqa: E402
 
 
@@ -60,32 +61,18 @@ def save(workdir: Path, parked: Path) -> list[str]:
         step = _newest_checkpoint(cell)
         if step is None or not (cell / "config.json").exists():
             continue
-        rows = (
-            [
-                line
-                for line in (cell / "metrics.jsonl").read_text().splitlines()
-                if line.strip() and _row_step(line) <= int(step.name)
-            ]
-            if (cell / "metrics.jsonl").exists()
-            else []
-        )
+        rows = [r for r in metrics.read(cell) if r.get("step", sys.maxsize) <= int(step.name)]
         parked.mkdir(parents=True, exist_ok=True)
         tmp = archive.with_suffix(".tmp")
         with tarfile.open(tmp, "w:gz") as tar:
             tar.add(cell / "config.json", "config.json")
-            _add_bytes(tar, "metrics.jsonl", "".join(r + "\n" for r in rows).encode())
+            text = "".join(json.dumps(r) + "\n" for r in rows)
+            _add_bytes(tar, "metrics.jsonl", text.encode())
             tar.add(step, f"checkpoints/{step.name}")
         tmp.replace(archive)
         out.append(cell.name)
         print(f"{cell.name}: parked at step {step.name} ({archive.stat().st_size // 1024} KB)")
     return out
-
-
-def _row_step(line: str) -> int:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return sys.maxsize  # a torn row is left out
 
 
 def restore(workdir: Path, parked: Path) -> list[str]:

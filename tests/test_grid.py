@@ -27,6 +27,10 @@ park = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(park)
 
 
+def _final(workdir):
+    return ocp.StandardCheckpointer().restore((workdir / "final").absolute())
+
+
 class Killed(Exception):
     """Stands for the process being killed."""
 
@@ -94,11 +98,10 @@ def test_a_parked_cell_resumes_in_a_fresh_workdir_to_the_uninterrupted_result(ki
     epochs = [r["epoch"] for r in metrics.read(fresh / "cells" / "dnq_s1") if "epoch" in r]
     assert epochs == [1, 2]  # the rows up to the parked step-8 checkpoint
     grid.run_grid(_cells()[1:], fresh)
-    restore = lambda p: ocp.StandardCheckpointer().restore((p / "final").absolute())
     jax.tree_util.tree_map(
         np.testing.assert_array_equal,
-        restore(fresh / "cells" / "dnq_s1"),
-        restore(wd / "cells" / "dnq_s1"),
+        _final(fresh / "cells" / "dnq_s1"),
+        _final(wd / "cells" / "dnq_s1"),
     )
     # Finished now: the next save drops the parked copy.
     assert park.save(fresh, parked) == [] and not list(parked.iterdir())
@@ -109,8 +112,7 @@ def test_grid_cell_equals_the_same_config_run_alone(killed_grid, smoke_run):
     alone_wd, alone = smoke_run
     assert resnet.get_config(RUN) == resnet.get_config(RUN + ",method=dnq,seed=0")
     cell = wd / "cells" / "dnq_s0"
-    restore = lambda p: ocp.StandardCheckpointer().restore((p / "final").absolute())
-    jax.tree_util.tree_map(np.testing.assert_array_equal, restore(cell), restore(alone_wd))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, _final(cell), _final(alone_wd))
     on_disk = json.loads((cell / "results.json").read_text())
     ptq_rtn = json.loads((cell / "ptq_rtn.json").read_text())
     for key in ("fp32", "w8a8", "w4a4"):
