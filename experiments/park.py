@@ -9,6 +9,11 @@ grid resumes the cell from that checkpoint (the trainer's own resume: bit-exact)
 experiment scripts restore before they run; a parked cell that has since finished is removed
 by the next `save`.
 
+Warm-ups (`dnq_jax/train/fork.py`): a cell's archive also holds its `noise_start/` state, and
+for each warm-up (seed and settings but the noise keys) that no unfinished cell carries, one
+finished cell that kept it is parked as a donor (config, metrics up to it, `noise_start/`, no
+checkpoint), so the cells of the next sitting that share it begin from it.
+
   python experiments/park.py save workdirs/dnq_table dnq_table
   python experiments/park.py restore workdirs/dnq_table dnq_table
 """
@@ -25,21 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dnq_jax.train import metrics  # noqa: E402
-from dnq_jax.train.checkpoint import is_finalized  # noqa: E402
-
-
-def _newest_checkpoint(cell: Path) -> Path | None:
-    ck = cell / "checkpoints"
-    steps = (
-        sorted(
-            (p for p in ck.iterdir() if p.name.isdigit() and is_finalized(p)),
-            key=lambda p: int(p.name),
-        )
-        if ck.is_dir()
-        else []
-    )
-    return steps[-1] if steps else None
+from dnq_jax.train import fork, metrics  # noqa: E402
+from dnq_jax.train.checkpoint import NOISE_START  # noqa: E402
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -48,30 +40,58 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _pack(cell: Path, archive: Path, step: Path | None, start: Path | None) -> None:
+    """Write the cell's config, its metrics rows up to the newest state packed, the
+    checkpoint `step` and the warm-up state `start` (either may be None) to `archive`."""
+    last = max(int(p.name) for p in (step, start) if p is not None)
+    rows = [r for r in metrics.read(cell) if r.get("step", sys.maxsize) <= last]
+    tmp = archive.with_suffix(".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(cell / "config.json", "config.json")
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        _add_bytes(tar, "metrics.jsonl", text.encode())
+        if step is not None:
+            tar.add(step, f"checkpoints/{step.name}")
+        if start is not None:
+            tar.add(start, f"{NOISE_START}/{start.name}")
+    tmp.replace(archive)
+
+
+def _warmup(cell: Path) -> str:
+    return fork.warmup_key(json.loads((cell / "config.json").read_text()))
+
+
 def save(workdir: Path, parked: Path) -> list[str]:
-    """Pack every unfinished cell with a complete checkpoint; drop parked cells now finished."""
-    out = []
+    """Pack every unfinished cell with a complete checkpoint, and one finished donor per
+    warm-up no unfinished cell carries; drop the parked copies of the other finished cells.
+    Returns the unfinished cells packed."""
+    out, carried, donors = [], set(), {}
     for cell in sorted((workdir / "cells").glob("*")):
+        if not (cell / "config.json").exists():
+            continue
         archive = parked / f"{cell.name}.tar.gz"
+        start = fork.start_state(cell)
         if (cell / "results.json").exists():
+            if start is not None:
+                donors.setdefault(_warmup(cell), (cell, start))
             if archive.exists():
                 archive.unlink()
                 print(f"{cell.name}: finished, parked copy removed")
             continue
-        step = _newest_checkpoint(cell)
-        if step is None or not (cell / "config.json").exists():
+        step = fork.newest_checkpoint(cell)
+        if step is None:
             continue
-        rows = [r for r in metrics.read(cell) if r.get("step", sys.maxsize) <= int(step.name)]
         parked.mkdir(parents=True, exist_ok=True)
-        tmp = archive.with_suffix(".tmp")
-        with tarfile.open(tmp, "w:gz") as tar:
-            tar.add(cell / "config.json", "config.json")
-            text = "".join(json.dumps(r) + "\n" for r in rows)
-            _add_bytes(tar, "metrics.jsonl", text.encode())
-            tar.add(step, f"checkpoints/{step.name}")
-        tmp.replace(archive)
+        _pack(cell, archive, step, start)
+        if start is not None:
+            carried.add(_warmup(cell))
         out.append(cell.name)
         print(f"{cell.name}: parked at step {step.name} ({archive.stat().st_size // 1024} KB)")
+    for key, (cell, start) in donors.items():
+        if key not in carried:
+            parked.mkdir(parents=True, exist_ok=True)
+            _pack(cell, parked / f"{cell.name}.tar.gz", None, start)
+            print(f"{cell.name}: its warm-up (step {start.name}) parked for the cells sharing it")
     return out
 
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import tarfile
 from pathlib import Path
 
 import jax
@@ -12,7 +13,7 @@ from conftest import SMOKE_RUN
 
 from configs import resnet
 from dnq_jax.errors import ConfigError
-from dnq_jax.train import checkpoint, grid, grid_report, loop, metrics
+from dnq_jax.train import checkpoint, fork, grid, grid_report, loop, metrics
 
 # The session's smoke run (conftest.py): 5 epochs of 4 steps, noise from epoch 1, SWA from
 # epoch 2, a checkpoint per epoch. Its steps are in the test cache, and cell dnq_s0 (smoke's
@@ -59,8 +60,13 @@ def killed_grid(tmp_path_factory):
     first = wd / "cells" / "dnq_s0"
     times = {f: (first / f).stat().st_mtime_ns for f in ("results.json", "ptq_rtn.json")}
     partial = json.loads((wd / "grid.json").read_text())
-    # The sitting's end: experiments/park.py packs the unfinished cell for the next clone.
+    # The sitting's end: experiments/park.py packs the unfinished cell for the next clone (and
+    # the finished one's warm-up, which no unfinished cell of seed 0 carries).
     assert park.save(wd, wd.parent / "parked") == ["dnq_s1"]
+    assert sorted(p.name for p in (wd.parent / "parked").iterdir()) == [
+        "dnq_s0.tar.gz",
+        "dnq_s1.tar.gz",
+    ]
     trained = []
     real_train = loop.train_and_evaluate
 
@@ -93,8 +99,13 @@ def test_killed_grid_resumes_skipping_finished_cells(killed_grid):
 def test_a_parked_cell_resumes_in_a_fresh_workdir_to_the_uninterrupted_result(killed_grid):
     wd, *_ = killed_grid
     parked, fresh = wd.parent / "parked", wd.parent / "fresh_clone"
-    assert park.restore(fresh, parked) == ["dnq_s1"]
+    assert park.restore(fresh, parked) == ["dnq_s0", "dnq_s1"]
     assert park.restore(fresh, parked) == []  # never over a cell already there
+    # dnq_s0 came back as its warm-up only; dnq_s1 with its checkpoint and its warm-up.
+    assert not (fresh / "cells" / "dnq_s0" / "checkpoints").exists()
+    assert fork.start_state(fresh / "cells" / "dnq_s0").name == "4"
+    assert fork.newest_checkpoint(fresh / "cells" / "dnq_s1").name == "8"
+    assert fork.start_state(fresh / "cells" / "dnq_s1").name == "4"
     epochs = [r["epoch"] for r in metrics.read(fresh / "cells" / "dnq_s1") if "epoch" in r]
     assert epochs == [1, 2]  # the rows up to the parked step-8 checkpoint
     grid.run_grid(_cells()[1:], fresh)
@@ -103,8 +114,12 @@ def test_a_parked_cell_resumes_in_a_fresh_workdir_to_the_uninterrupted_result(ki
         _final(fresh / "cells" / "dnq_s1"),
         _final(wd / "cells" / "dnq_s1"),
     )
-    # Finished now: the next save drops the parked copy.
-    assert park.save(fresh, parked) == [] and not list(parked.iterdir())
+    # Finished now: the next save drops the parked copy, keeping one warm-up per seed.
+    assert park.save(fresh, parked) == []
+    assert sorted(p.name for p in parked.iterdir()) == ["dnq_s0.tar.gz", "dnq_s1.tar.gz"]
+    for archive in parked.iterdir():
+        with tarfile.open(archive) as tar:
+            assert not [n for n in tar.getnames() if n.startswith("checkpoints")]
 
 
 def test_grid_cell_equals_the_same_config_run_alone(killed_grid, smoke_run):

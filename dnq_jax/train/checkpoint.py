@@ -2,6 +2,8 @@
 
 Under a workdir (see `workdir.py` for the rest of it):
   checkpoints/<step>/  train states (Orbax CheckpointManager, the newest `keep` kept)
+  noise_start/<step>/  the train state at the first step of epoch noise.start_epoch: what
+                       every run of the same settings but its noise keys shares (`fork.py`)
   final/               the variables the run ends with (SWA-averaged, BN re-estimated)
 
 Resume order: the newest complete checkpoint under checkpoints/, restored into the shape and
@@ -81,9 +83,15 @@ def set_aside_incomplete(directory: str | os.PathLike) -> list[tuple[str, str]]:
     return moved
 
 
-def manager(workdir: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
-    """The run's CheckpointManager over workdir/checkpoints, after setting torn saves aside."""
-    directory = Path(workdir).absolute() / "checkpoints"
+# The folder of the state at the noise stage's start (one step folder, like checkpoints/).
+NOISE_START = "noise_start"
+
+
+def manager(
+    workdir: str | os.PathLike, keep: int, folder: str = "checkpoints"
+) -> ocp.CheckpointManager:
+    """The run's CheckpointManager over workdir/<folder>, after setting torn saves aside."""
+    directory = Path(workdir).absolute() / folder
     with workdir_lib.agreed():
         if workdir_lib.is_primary():
             moved = set_aside_incomplete(directory)
@@ -109,6 +117,13 @@ def save(mngr: ocp.CheckpointManager, step: int, state: PyTree) -> None:
         return
     mngr.save(step, args=ocp.args.StandardSave(state), force=True)
     mngr.wait_until_finished()
+
+
+def save_noise_start(workdir: str | os.PathLike, step: int, state: PyTree) -> None:
+    """Keep `state` at `step` (the noise stage's first) in workdir/noise_start/, once."""
+    mngr = manager(workdir, 1, NOISE_START)
+    if not mngr.all_steps():
+        save(mngr, step, state)
 
 
 def _abstract(tree: PyTree) -> PyTree:

@@ -28,6 +28,11 @@ A grid can also span machines whose cell folders are gone: `--include OLD/grid.j
 settings as finished here (not trained again; their rows are marked as included), so seeds run
 elsewhere join one mean ± std; its cells of settings this grid does not have are reported
 too, so a grid run for a few settings keeps the others' rows.
+
+Cells that differ in `noise.*` keys only (not `noise.start_epoch`) share their warm-up, the
+epochs before the noise stage, bit for bit: a cell not started yet begins from the state
+another cell kept at the noise stage's start (`W/cells/<cell>/noise_start/`; `fork.py`) and
+trains only from there (`--no-shared-warmup` trains every warm-up).
 """
 
 from __future__ import annotations
@@ -183,6 +188,9 @@ def collect(cell: Cell, cwd: Path, ptq: list[str], iters: int) -> dict | None:
         "train_time_s": results.get("train_time_s", 0.0),
         "ptq": {},
     }
+    origin = _read(cwd / "fork.json")
+    if origin:
+        record["warmup_from"] = {"cell": Path(origin["donor"]).name, "step": origin["step"]}
     for method in ptq:
         want = _eval_settings(cell, method, iters)
         have = _read(cwd / f"ptq_{method}.json")
@@ -303,13 +311,16 @@ def run_grid(
     meta: dict | None = None,
     train: bool = True,
     included: dict[str, dict] | None = None,
+    share_warmup: bool = True,
 ) -> dict:
     """Train (or resume) and evaluate every cell in order; rewrite the report after each.
 
     Returns what grid.json holds. `train=False` only reports what is already there.
     `included` (cell name -> record, see `load_included`): cells finished elsewhere, reported
     and not trained unless this workdir holds their own finished results; records of settings
-    this grid does not have are reported first.
+    this grid does not have are reported first. `share_warmup`: a cell not started yet begins
+    from another cell's kept warm-up when their configs differ in noise keys only (`fork.py`;
+    the same states, bit for bit), instead of training it again.
     """
     from dnq_jax.train import builders
     from dnq_jax.train.loop import train_and_evaluate
@@ -357,12 +368,32 @@ def run_grid(
             datasets[key] = builders.load_dataset(cell.config)
         t0 = time.time()
         if not done:
+            if share_warmup:
+                _begin_from_donor(cell, cwd, wd / "cells")
             print(f"dnq_jax grid: training {cell.name} in {cwd}", flush=True)
             train_and_evaluate(cell.config, str(cwd), dataset=datasets[key])
         evaluate_cell(cell, cwd, datasets[key], ptq, ptq_iters)
         print(f"dnq_jax grid: {cell.name} done ({time.time() - t0:.0f} s)", flush=True)
         report()
     return report()
+
+
+def _begin_from_donor(cell: Cell, cwd: Path, cells_dir: Path) -> None:
+    """A cell with no checkpoint starts from the kept warm-up of another cell whose config
+    differs from its own in noise keys only, when one is there (`fork.py`)."""
+    from dnq_jax.train import fork
+
+    if fork.newest_checkpoint(cwd) is not None:
+        return
+    others = sorted(p for p in cells_dir.iterdir() if p.is_dir() and p != cwd)
+    donor = fork.find_donor(others, cell.config)
+    if donor is not None:
+        step = fork.begin_from(donor, cwd, cell.config)
+        print(
+            f"dnq_jax grid: {cell.name} starts at step {step} from {donor.name}'s warm-up "
+            "(the same run up to the noise stage)",
+            flush=True,
+        )
 
 
 def enable_compile_cache(path: str | Path) -> None:
@@ -395,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
         help="an earlier grid.json of the same settings whose finished cells count here",
     )
     p.add_argument("--report-only", action="store_true", help="write the report, train nothing")
+    p.add_argument(
+        "--no-shared-warmup",
+        action="store_true",
+        help="train every cell's warm-up itself (default: a cell whose config differs from "
+        "another's in noise keys only starts from that cell's state at the noise stage)",
+    )
     p.add_argument("--verbose", action="store_true", help="tracebacks for expected errors")
     args = p.parse_args(argv)
     from dnq_jax.train import cli
@@ -433,7 +470,17 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     print(f"{command}\ndevice: {device} ({jax.default_backend()})", flush=True)
     t0 = time.time()
     try:
-        run_grid(cells, wd, ptq, args.ptq_iters, header, meta, not args.report_only, included)
+        run_grid(
+            cells,
+            wd,
+            ptq,
+            args.ptq_iters,
+            header,
+            meta,
+            not args.report_only,
+            included,
+            share_warmup=not args.no_shared_warmup,
+        )
     except Preempted as e:
         # The trainer's message already says to run the same command again: here that
         # command is the grid's, which resumes the stopped cell and then the others.

@@ -3,7 +3,8 @@
 Pure functions of the cell records `grid.py` collects (no JAX), so the arithmetic is tested
 on its own. A record is a dict: `name` (cell), `setting`, `seed`, `fp32`, `train_time_s`,
 and `ptq` = {PTQ method: {'w4a4': top-1, ...}}; a cell taken from an earlier grid also has
-`included_from` (that grid.json's path).
+`included_from` (that grid.json's path), and one that began from another cell's warm-up has
+`warmup_from` = {'cell': that cell, 'step': the step it began at}.
 """
 
 from __future__ import annotations
@@ -91,14 +92,26 @@ def markdown(header: list[str], records: list[dict], pending: list[str]) -> str:
         accs = [r["ptq"].get(m, {}).get(b) for m, b in cols]
         shown = " | ".join("-" if a is None else f"{a:.2f}" for a in accs)
         mark = "*" if "included_from" in r else ""
+        forked = "†" if "warmup_from" in r else ""
         lines.append(
-            f"| {r['name']}{mark} | {r['seed']} | {r['fp32']:.2f} | {shown} | "
+            f"| {r['name']}{mark}{forked} | {r['seed']} | {r['fp32']:.2f} | {shown} | "
             f"{r.get('train_time_s', 0):.0f} |"
         )
         if mark:
             sources.setdefault(r["included_from"], []).append(r["name"])
     for path, names in sources.items():
         lines += ["", f"\\* included from an earlier grid, {path}: {', '.join(names)}."]
+    starts = [
+        f"{r['name']} from {r['warmup_from']['cell']} at step {r['warmup_from']['step']}"
+        for r in records
+        if "warmup_from" in r
+    ]
+    if starts:
+        lines += [
+            "",
+            "† began from another cell's warm-up (the same states up to the noise stage; its "
+            f"train time counts from there): {', '.join(starts)}.",
+        ]
     if pending:
         lines += ["", f"Not finished yet: {', '.join(pending)}."]
     return "\n".join(lines) + "\n"

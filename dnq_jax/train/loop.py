@@ -140,6 +140,10 @@ def train_and_evaluate(
             t0 = time.time()
             first = int(state.step) - epoch * spe  # steps of this epoch already done
             noise_on = config_lib.uses_noise(c) and epoch >= c.noise.start_epoch
+            if epoch == c.noise.start_epoch > 0 and first == 0:
+                # Shared by every run of these settings whatever its noise keys (any method):
+                # a grid starts such runs from here instead of training it again (fork.py).
+                checkpoint.save_noise_start(wd, int(state.step), state)
             if noise_on and first == 0:
                 fresh = profile(state.variables(), calib_images)
                 state = state.replace(noise_stats=ema(state.noise_stats, fresh))

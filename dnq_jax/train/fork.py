@@ -1,0 +1,102 @@
+"""Start a run from another run's shared warm-up: the state at the noise stage's start.
+
+Before epoch `noise.start_epoch` a run reads none of its `noise.*` keys (the profiler, the
+noise, the ramp and lambda all start there), so two runs whose configs differ only in those
+keys compute the same states, bit for bit, up to that epoch. The trainer keeps its state at
+that step in `noise_start/` (`checkpoint.save_noise_start`); a run that has not started yet
+can begin from another's: its first checkpoint is a copy of the donor's `noise_start/<step>/`,
+its metrics the donor's rows up to that step, and from there the trainer's own resume (the
+same bit-exact rule as after an interruption) takes it on. In the paper's protocol the warm-up
+is two thirds of the run, so a grid of noise settings trains it once per seed.
+
+Which keys may differ (`prefix_conflicts`): those of the groups a run may change on resume
+(`config.RESUME_FREE_GROUPS`) and every `noise.*` key except `noise.start_epoch`; everything
+else, the method's SWA and SAM switches and the seed included, must be equal. A method without
+noise (sgd, swa) has a warm-up like any other, so a `swa` run and a `dnq` run (both with SWA,
+the same seed) share theirs. Written for one process (the grid's), on process 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import ml_collections
+
+from dnq_jax.train import checkpoint, metrics, workdir
+from dnq_jax.train import config as config_lib
+
+
+def deferred(key: str) -> bool:
+    """Whether the run reads `key` ('group.key') only from the noise stage's start on."""
+    return key.startswith("noise.") and key != "noise.start_epoch"
+
+
+def prefix_conflicts(saved: dict, c: ml_collections.ConfigDict) -> list[str]:
+    """The keys that make the warm-up of config `c` differ from that of the `saved` run's
+    config (a dict, as config.json holds it); [] when the donor's warm-up is `c`'s."""
+    return [k for k in config_lib.resume_conflicts(saved, c) if not deferred(k)]
+
+
+def _newest(folder: Path) -> Path | None:
+    if not folder.is_dir():
+        return None
+    steps = [p for p in folder.iterdir() if p.name.isdigit() and checkpoint.is_finalized(p)]
+    return max(steps, key=lambda p: int(p.name)) if steps else None
+
+
+def warmup_key(saved: dict) -> str:
+    """One string per warm-up: equal for two configs (dicts, as config.json holds them)
+    exactly when `prefix_conflicts` finds nothing between them."""
+    full = {**config_lib.flat(config_lib.base_config()), **config_lib.flat(saved)}
+    free = lambda k: k.split(".", 1)[0] in config_lib.RESUME_FREE_GROUPS or deferred(k)
+    return json.dumps({k: v for k, v in full.items() if not free(k)}, sort_keys=True)
+
+
+def start_state(run: str | os.PathLike) -> Path | None:
+    """The complete `noise_start/<step>/` folder of the run in `run`, if it has one."""
+    return _newest(Path(run) / checkpoint.NOISE_START)
+
+
+def newest_checkpoint(run: str | os.PathLike) -> Path | None:
+    """The newest complete `checkpoints/<step>/` folder of the run in `run`, if any."""
+    return _newest(Path(run) / "checkpoints")
+
+
+def find_donor(runs: list[Path], c: ml_collections.ConfigDict) -> Path | None:
+    """The first of `runs` (workdirs) with a kept warm-up that is `c`'s, or None."""
+    for run in runs:
+        try:
+            saved = json.loads((run / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if start_state(run) is not None and not prefix_conflicts(saved, c):
+            return run
+    return None
+
+
+def begin_from(donor: Path, run: Path, c: ml_collections.ConfigDict) -> int:
+    """Make `run` (a workdir with no checkpoint) start from `donor`'s warm-up; returns its
+    step. Writes checkpoints/<step>/, the donor's metrics rows up to it, config.json and
+    fork.json (where the state came from); the trainer then resumes `run` from that step."""
+    src = start_state(donor)
+    if src is None:
+        raise ValueError(f"{donor} holds no complete {checkpoint.NOISE_START}/ state")
+    step = int(src.name)
+    if newest_checkpoint(run) is not None:
+        raise ValueError(f"{run} already has a checkpoint: it resumes from its own")
+    ckpts = run / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    tmp = ckpts / f".{step}.copying"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    os.replace(tmp, ckpts / str(step))  # the rename commits it, as Orbax's own does
+    rows = [r for r in metrics.read(donor) if r.get("step", step + 1) <= step]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    workdir.write_text(run / "metrics.jsonl", text)
+    workdir.write_config(run, c)
+    origin = {"donor": str(donor), "step": step}
+    workdir.write_text(run / "fork.json", json.dumps(origin, indent=2) + "\n")
+    return step

@@ -1,0 +1,102 @@
+"""Shared warm-ups: a run begun from another's noise-stage start is the run trained alone."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import SMOKE_RUN
+
+from configs import resnet
+from dnq_jax.train import checkpoint, fork, grid, loop, metrics
+
+# The session's smoke run (conftest.py): 5 epochs of 4 steps, noise from epoch 1 (step 4).
+RUN = "smoke," + SMOKE_RUN
+
+
+def _restore(path):
+    return ocp.StandardCheckpointer().restore(path.absolute())
+
+
+def _saved(arg: str) -> dict:
+    return json.loads(resnet.get_config(arg).to_json())
+
+
+def test_only_noise_keys_may_differ_between_runs_sharing_a_warm_up():
+    base = resnet.get_config(RUN)
+    for arg, conflicts in [
+        (RUN + ",noise.w_bits=4,noise.a_bits=4", []),
+        (RUN + ",noise.w_scale=0.7071,noise.ramp=exp,noise.n_calib=16", []),
+        (RUN + ",method=swa", []),  # no noise at all, SWA like dnq
+        (RUN + ",method=naive,eval.bits=w2a4,runtime.chunk_steps=2", []),
+        (RUN + ",method=sgd", ["swa.enabled"]),  # the optimizer state differs
+        (RUN + ",noise.start_epoch=2", ["noise.start_epoch"]),
+        (RUN + ",optim.learning_rate=0.2,seed=3", ["optim.learning_rate", "seed"]),
+    ]:
+        saved = _saved(arg)
+        assert fork.prefix_conflicts(saved, base) == conflicts, arg
+        same_key = fork.warmup_key(saved) == fork.warmup_key(json.loads(base.to_json()))
+        assert same_key == (not conflicts), arg
+
+
+def test_the_run_keeps_its_state_at_the_noise_stage_start(smoke_run):
+    wd, _ = smoke_run
+    start = fork.start_state(wd)
+    assert start.name == "4"  # epoch 1 of 4 steps
+    # The same state as the regular checkpoint at that step (the run keeps 10 of those).
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal,
+        _restore(start / "default"),
+        _restore(wd / "checkpoints" / "4" / "default"),
+    )
+
+
+def test_a_grid_cell_begun_from_a_donor_warm_up_is_the_run_trained_alone(
+    smoke_run, tmp_path, monkeypatch
+):
+    smoke_wd, _ = smoke_run
+    wd = tmp_path / "grid"
+    shutil.copytree(smoke_wd, wd / "cells" / "dnq_s0")  # a finished cell of the grid
+    cells = grid.make_cells(
+        resnet.get_config,
+        RUN,
+        seeds=[0],
+        settings=["dnq:method=dnq", "w4:noise.w_bits=4,noise.a_bits=4", "sgd:method=sgd"],
+    )
+    trained = []
+    real = loop.train_and_evaluate
+
+    def spy(config, workdir, dataset=None):
+        trained.append((workdir.rsplit("/", 1)[-1], fork.newest_checkpoint(workdir)))
+        return real(config, workdir, dataset=dataset)
+
+    monkeypatch.setattr(loop, "train_and_evaluate", spy)
+    # sgd is left out: it shares no warm-up (its optimizer has no SWA state).
+    doc = grid.run_grid(cells[:2], wd)
+    cell = wd / "cells" / "w4_s0"
+    assert [(n, None if s is None else s.name) for n, s in trained] == [("w4_s0", "4")]
+    assert json.loads((cell / "fork.json").read_text())["step"] == 4
+    assert [r["epoch"] for r in metrics.read(cell)] == [1, 2, 3, 4, 5]
+    assert doc["cells"][1]["warmup_from"] == {"cell": "dnq_s0", "step": 4}
+    assert "| w4_s0† | 0 |" in (wd / "grid.md").read_text()
+
+    monkeypatch.setattr(loop, "train_and_evaluate", real)
+    alone = tmp_path / "alone"
+    results = real(cells[1].config, str(alone))
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, _restore(cell / "final"), _restore(alone / "final")
+    )
+    forked = json.loads((cell / "results.json").read_text())
+    for key in ("fp32", "w8a8", "w4a4"):
+        assert forked[key] == results[key], key
+    assert fork.find_donor([wd / "cells" / "dnq_s0"], cells[2].config) is None
+
+
+def test_a_run_with_a_checkpoint_is_never_overwritten_by_a_donor(smoke_run, tmp_path):
+    smoke_wd, _ = smoke_run
+    with pytest.raises(ValueError, match="resumes from its own"):
+        fork.begin_from(smoke_wd, smoke_wd, resnet.get_config(RUN))
+    with pytest.raises(ValueError, match=checkpoint.NOISE_START):
+        fork.begin_from(tmp_path, tmp_path / "run", resnet.get_config(RUN))
