@@ -2,8 +2,9 @@
 
 A cell of the table trains for over an hour on a 2-core CPU, and a sitting that ends kills it:
 its checkpoints live in the git-ignored workdir, which a fresh clone does not have. `save`
-packs each unfinished cell's newest complete checkpoint, its config.json and its metrics rows
-up to that step into `experiments/parked/<grid>/<cell>.tar.gz` (under 1 MB for ResNet-8), to
+packs each unfinished cell's newest complete checkpoint (or, for a cell trained but not yet
+PTQ-evaluated, its final variables and results), its config.json and its metrics rows up to
+that step into `experiments/parked/<grid>/<cell>.tar.gz` (under 1 MB for ResNet-8), to
 be committed; `restore` unpacks them into a workdir that does not hold the cell yet, where the
 grid resumes the cell from that checkpoint (the trainer's own resume: bit-exact). The
 experiment scripts restore before they run; a parked cell that has since finished is removed
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import sys
 import tarfile
 from pathlib import Path
@@ -31,7 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dnq_jax.train import fork, metrics  # noqa: E402
-from dnq_jax.train.checkpoint import NOISE_START  # noqa: E402
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -40,20 +41,17 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _pack(cell: Path, archive: Path, step: Path | None, start: Path | None) -> None:
-    """Write the cell's config, its metrics rows up to the newest state packed, the
-    checkpoint `step` and the warm-up state `start` (either may be None) to `archive`."""
-    last = max(int(p.name) for p in (step, start) if p is not None)
-    rows = [r for r in metrics.read(cell) if r.get("step", sys.maxsize) <= last]
+def _pack(cell: Path, archive: Path, parts: list[Path], rows_to: int | None) -> None:
+    """Write the cell's config.json, its metrics rows (up to step `rows_to`; None: all) and
+    `parts` (files and folders of the cell) to `archive`, atomically."""
+    rows = [r for r in metrics.read(cell) if rows_to is None or r.get("step", rows_to) <= rows_to]
     tmp = archive.with_suffix(".tmp")
     with tarfile.open(tmp, "w:gz") as tar:
         tar.add(cell / "config.json", "config.json")
         text = "".join(json.dumps(r) + "\n" for r in rows)
         _add_bytes(tar, "metrics.jsonl", text.encode())
-        if step is not None:
-            tar.add(step, f"checkpoints/{step.name}")
-        if start is not None:
-            tar.add(start, f"{NOISE_START}/{start.name}")
+        for part in parts:
+            tar.add(part, str(part.relative_to(cell)))
     tmp.replace(archive)
 
 
@@ -61,36 +59,56 @@ def _warmup(cell: Path) -> str:
     return fork.warmup_key(json.loads((cell / "config.json").read_text()))
 
 
+def _reported(workdir: Path) -> set[str] | None:
+    """The cells the grid's report counts as finished (trained and PTQ-evaluated), or None
+    when there is no readable grid.json."""
+    try:
+        doc = json.loads((workdir / "grid.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {r["name"] for r in doc.get("cells", [])} - set(doc.get("pending", []))
+
+
 def save(workdir: Path, parked: Path) -> list[str]:
-    """Pack every unfinished cell with a complete checkpoint, and one finished donor per
-    warm-up no unfinished cell carries; drop the parked copies of the other finished cells.
-    Returns the unfinished cells packed."""
+    """Pack every unfinished cell, and one finished donor per warm-up no unfinished cell
+    carries; drop the parked copies of the other finished cells. A cell trained but not yet
+    PTQ-evaluated (grid.json lists it as pending) is packed with its final variables and
+    results. Returns the unfinished cells packed."""
     out, carried, donors = [], set(), {}
+    reported = _reported(workdir)
     for cell in sorted((workdir / "cells").glob("*")):
         if not (cell / "config.json").exists():
             continue
         archive = parked / f"{cell.name}.tar.gz"
         start = fork.start_state(cell)
-        if (cell / "results.json").exists():
+        trained = (cell / "results.json").exists()
+        if trained and (reported is None or cell.name in reported):
             if start is not None:
                 donors.setdefault(_warmup(cell), (cell, start))
             if archive.exists():
                 archive.unlink()
                 print(f"{cell.name}: finished, parked copy removed")
             continue
-        step = fork.newest_checkpoint(cell)
-        if step is None:
+        step = None if trained else fork.newest_checkpoint(cell)
+        if trained:
+            parts = [cell / "final", *sorted(cell.glob("*.json"))]
+            parts = [q for q in parts if q.name != "config.json"]
+            what = "trained, its PTQ evaluation not finished"
+        elif step is not None:
+            parts, what = [step], f"at step {step.name}"
+        else:
             continue
-        parked.mkdir(parents=True, exist_ok=True)
-        _pack(cell, archive, step, start)
         if start is not None:
+            parts.append(start)
             carried.add(_warmup(cell))
+        parked.mkdir(parents=True, exist_ok=True)
+        _pack(cell, archive, parts, None if trained else int(step.name))
         out.append(cell.name)
-        print(f"{cell.name}: parked at step {step.name} ({archive.stat().st_size // 1024} KB)")
+        print(f"{cell.name}: parked {what} ({archive.stat().st_size // 1024} KB)")
     for key, (cell, start) in donors.items():
         if key not in carried:
             parked.mkdir(parents=True, exist_ok=True)
-            _pack(cell, parked / f"{cell.name}.tar.gz", None, start)
+            _pack(cell, parked / f"{cell.name}.tar.gz", [start], int(start.name))
             print(f"{cell.name}: its warm-up (step {start.name}) parked for the cells sharing it")
     return out
 
@@ -103,8 +121,13 @@ def restore(workdir: Path, parked: Path) -> list[str]:
         cell = workdir / "cells" / name
         if cell.exists():
             continue
+        # Into a temporary folder renamed into place: an interrupted restore leaves no
+        # half-filled cell behind (which a later restore would skip).
+        tmp = cell.with_name(f".{name}.restoring")
+        shutil.rmtree(tmp, ignore_errors=True)
         with tarfile.open(archive) as tar:
-            _extract(tar, cell)
+            _extract(tar, tmp)
+        tmp.rename(cell)
         out.append(name)
         print(f"{name}: restored from {archive}")
     return out

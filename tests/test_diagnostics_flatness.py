@@ -55,6 +55,16 @@ def test_top_eigenvalue_stops_at_tolerance(quadratic):
     assert abs(res.eigenvalue - lams[0]) / lams[0] < 1e-3
 
 
+def test_power_iteration_keeps_half_precision_params_in_their_dtype():
+    # loss = sum(s * w^2) over a bfloat16 leaf: H = diag(2 s), top eigenvalue 2 max(s).
+    scale = jnp.asarray([4.0, 1.0, 0.5], jnp.bfloat16)
+    params = {"w": jnp.ones(3, jnp.bfloat16)}
+    loss = lambda p: jnp.sum(scale * p["w"] ** 2).astype(jnp.float32)
+    res = dg.top_hessian_eigenvalue(loss, params, jax.random.key(0), iters=30)
+    assert res.eigenvector["w"].dtype == jnp.bfloat16
+    assert res.eigenvalue == pytest.approx(8.0, rel=2e-2)
+
+
 def test_hessian_trace_of_a_known_spectrum(quadratic):
     params, loss_fn, a, lams, _, _ = quadratic
     res = dg.hessian_trace(loss_fn, params, jax.random.key(2), samples=300)

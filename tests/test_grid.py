@@ -155,6 +155,23 @@ def test_grid_reports_mean_and_std_over_seeds(killed_grid):
     assert (wd / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the bars
 
 
+def test_a_ptq_file_of_other_settings_is_rewritten(killed_grid, tmp_path):
+    wd, *_ = killed_grid
+    cwd = tmp_path / "dnq_s0"
+    for f in ("config.json", "results.json", "ptq_rtn.json"):
+        (cwd / f).parent.mkdir(exist_ok=True)
+        (cwd / f).write_bytes((wd / "cells" / "dnq_s0" / f).read_bytes())
+    stale = json.loads((cwd / "ptq_rtn.json").read_text())
+    stale["settings"]["batch_size"] += 1
+    (cwd / "ptq_rtn.json").write_text(json.dumps(stale))
+    cell = _cells()[0]
+    assert grid.collect(cell, cwd, ["rtn"], 0) is None
+    grid.evaluate_cell(cell, cwd, None, ["rtn"], 0)  # all of it is in results.json
+    assert grid.collect(cell, cwd, ["rtn"], 0) == grid.collect(
+        cell, wd / "cells" / "dnq_s0", ["rtn"], 0
+    )
+
+
 def test_new_bit_widths_are_evaluated_without_training_again(killed_grid, monkeypatch):
     wd, *_ = killed_grid
     before = json.loads((wd / "cells" / "dnq_s0" / "ptq_rtn.json").read_text())
@@ -198,8 +215,18 @@ def test_a_grid_counts_the_finished_cells_of_an_included_earlier_grid(
         grid.load_included([old], cells, RUN + ",optim.learning_rate=0.2", ["rtn"], 0)
     with pytest.raises(ConfigError, match="ptq_iters"):
         grid.load_included([old], cells, RUN, ["rtn"], 50)
-    with pytest.raises(ConfigError, match="not a grid.json"):
+    with pytest.raises(ConfigError, match="no file"):
         grid.load_included([tmp_path / "missing.json"], cells, RUN, ["rtn"], 0)
+    (tmp_path / "torn.json").write_text('{"cells": [')
+    with pytest.raises(ConfigError, match="not a readable grid.json"):
+        grid.load_included([tmp_path / "torn.json"], cells, RUN, ["rtn"], 0)
+    # Other seeds of a setting this grid has join its mean only with the same overrides.
+    seed2 = grid.make_cells(resnet.get_config, RUN, seeds=[2], methods=["dnq"])
+    assert sorted(grid.load_included([old], seed2, RUN, ["rtn"], 0)) == ["dnq_s0", "dnq_s1"]
+    lr = grid.make_cells(
+        resnet.get_config, RUN, seeds=[2], settings=["dnq:method=dnq,optim.learning_rate=0.02"]
+    )
+    assert grid.load_included([old], lr, RUN, ["rtn"], 0) == {}
 
 
 def test_summary_matches_numpy_per_setting_method_and_bits():

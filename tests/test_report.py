@@ -156,6 +156,8 @@ def test_report_defaults_and_settings_check():
     assert report.default_bits(c) == ((4, 4),)
     with pytest.raises(ConfigError, match="trace_samples"):
         report.ReportSettings(trace_samples=1).check()
+    with pytest.raises(ConfigError, match="landscape_grid"):
+        report.ReportSettings(landscape_grid=1).check()
     with pytest.raises(ConfigError, match="images"):
         report.ReportSettings(images=0).check()
 

@@ -99,7 +99,7 @@ _jit_vdot = jax.jit(tree_vdot)
 @jax.jit
 def _unit(v: PyTree) -> PyTree:
     norm = jnp.sqrt(tree_vdot(v, v))
-    return jax.tree.map(lambda x: x / norm, v)
+    return jax.tree.map(lambda x: (x / norm).astype(x.dtype), v)
 
 
 @jax.jit

@@ -213,7 +213,8 @@ def evaluate_cell(cell: Cell, cwd: Path, ds, ptq: list[str], iters: int) -> None
         want = _eval_settings(cell, method, iters)
         path = cwd / f"ptq_{method}.json"
         have = _read(path)
-        if not _compatible(have, want):
+        stale = not _compatible(have, want)  # then rewritten, even with nothing to compute
+        if stale:
             # RTN at the cell's bits is what the trainer measured at the end of the run.
             have = results if _compatible(results, want) else {}
             have = {k: v for k, v in have.items() if k not in ("swa_snapshots", "steps")}
@@ -233,7 +234,7 @@ def evaluate_cell(cell: Cell, cwd: Path, ds, ptq: list[str], iters: int) -> None
                 progress=cell.config.runtime.progress,
             )
             have = _merge(have, new)
-        if missing or not path.exists():
+        if missing or stale:
             workdir.write_results(path, have)
 
 
@@ -263,11 +264,14 @@ def load_included(
     What is left out is printed.
     """
     by_name = {c.name: c for c in cells}
+    overrides = {c.setting: c.overrides for c in cells}
     out: dict[str, dict] = {}
     for path in map(Path, paths):
+        if not path.is_file():
+            raise ConfigError(f"--include: no file {path}")
         doc = _read(path)
         if "cells" not in doc:
-            raise ConfigError(f"--include: {path} is not a grid.json (no 'cells')")
+            raise ConfigError(f"--include: {path} is not a readable grid.json (no 'cells')")
         for key, want in (("config", config), ("ptq_iters", iters)):
             if doc.get(key) != want:
                 raise ConfigError(
@@ -277,9 +281,12 @@ def load_included(
         skipped = []
         for r in doc["cells"]:
             cell, have = by_name.get(r.get("name")), r.get("ptq", {})
-            if cell is None:  # another setting: carried with all its bit-widths
+            if cell is None:  # another cell: carried with all its bit-widths
                 keys = {m: list(have.get(m, {})) for m in ptq}
                 usable = all(keys.values())
+                # A seed of a setting this grid has joins its mean only with its overrides.
+                mine = overrides.get(r.get("setting"), r.get("overrides"))
+                usable = usable and r.get("overrides") == mine
             else:
                 keys = {m: [f"w{w}a{a}" for w, a in cell.bits] for m in ptq}
                 usable = r.get("overrides") == cell.overrides and all(
@@ -355,6 +362,10 @@ def run_grid(
         return doc
 
     (wd / "cells").mkdir(parents=True, exist_ok=True)
+    if train:
+        # Before any cell trains: an older grid.json left here never outlives this run's
+        # inputs (the experiment scripts copy it out even after an interrupted run).
+        report()
     for cell in cells if train else ():
         cwd = wd / "cells" / cell.name
         done = _trained(cwd, cell.config)
@@ -445,6 +456,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds: write integers, e.g. 0,1,2 (got {args.seeds!r})") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: give each seed once, at least one (got {args.seeds!r})")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     cells = make_cells(get_config, arg, seeds, methods, args.cell, args.bits)
     wd = Path(args.workdir)

@@ -79,24 +79,22 @@ def markdown(header: list[str], records: list[dict], pending: list[str]) -> str:
             f"{_mean_std(row)} | {seeds} |"
         )
     cols = columns(records)
+    heads = [f"{m} {b.upper()}" for m, b in cols]
     lines += [
         "",
         "Per cell:",
         "",
-        "| cell | seed | FP32 | " + " | ".join(f"{m} {b.upper()}" for m, b in cols) + " | "
-        "train time (s) |",
-        "|---|---|---|" + "---|" * len(cols) + "---|",
+        "| " + " | ".join(["cell", "seed", "FP32", *heads, "train time (s)"]) + " |",
+        "|" + "---|" * (len(heads) + 4),
     ]
     sources: dict[str, list[str]] = {}
     for r in records:
         accs = [r["ptq"].get(m, {}).get(b) for m, b in cols]
-        shown = " | ".join("-" if a is None else f"{a:.2f}" for a in accs)
+        shown = ["-" if a is None else f"{a:.2f}" for a in accs]
         mark = "*" if "included_from" in r else ""
         forked = "†" if "warmup_from" in r else ""
-        lines.append(
-            f"| {r['name']}{mark}{forked} | {r['seed']} | {r['fp32']:.2f} | {shown} | "
-            f"{r.get('train_time_s', 0):.0f} |"
-        )
+        row = [f"{r['name']}{mark}{forked}", str(r["seed"]), f"{r['fp32']:.2f}", *shown]
+        lines.append("| " + " | ".join([*row, f"{r.get('train_time_s', 0):.0f}"]) + " |")
         if mark:
             sources.setdefault(r["included_from"], []).append(r["name"])
     for path, names in sources.items():

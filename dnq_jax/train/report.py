@@ -82,6 +82,8 @@ class ReportSettings:
                 raise ConfigError(f"report {name}: an int >= {low} is needed, got {v!r}")
         if self.trace_samples == 1:
             raise ConfigError("report trace_samples: 0, or at least 2 (for the standard error)")
+        if self.landscape_grid == 1:
+            raise ConfigError("report landscape_grid: 0, or at least 2 (a contour needs 2 x 2)")
         if self.hessian_tol is not None and not self.hessian_tol >= 0:
             raise ConfigError(f"report hessian_tol: >= 0 or None needed, got {self.hessian_tol}")
         if not self.landscape_radius > 0:
