@@ -84,7 +84,7 @@ def markdown(header: list[str], records: list[dict], pending: list[str]) -> str:
         "",
         "Per cell:",
         "",
-        "| " + " | ".join(["cell", "seed", "FP32", *heads, "train time (s)"]) + " |",
+        "| " + " | ".join(["cell", "seed", "FP32", *heads, "train time, last sitting (s)"]) + " |",
         "|" + "---|" * (len(heads) + 4),
     ]
     sources: dict[str, list[str]] = {}

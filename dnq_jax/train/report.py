@@ -350,7 +350,7 @@ def write_report(wd: str | Path, settings: ReportSettings | None = None) -> Path
             workdir.write_results(wd / "ptq_results.json", res)
             rows = collect_ptq(wd)
         doc["ptq"] = {"rows": rows, "computed": computed}
-        curves = {_row_label(r): r["accuracy"] for r in rows}
+        curves = {report_md.row_label(r): r["accuracy"] for r in rows}
         if curves:
             keys = list(dict.fromkeys(k for a in curves.values() for k in a))
             first = next(iter(curves))
@@ -403,11 +403,6 @@ def write_report(wd: str | Path, settings: ReportSettings | None = None) -> Path
 def _fig(out: Path, name: str) -> str:
     """A figure's path relative to the workdir (as report.md links it)."""
     return f"{out.name}/{name}"
-
-
-def _row_label(row: dict) -> str:
-    label = row["method"].upper()
-    return f"{label} ({row['iters']} it)" if row["method"] != "rtn" and row["iters"] else label
 
 
 def _training_summary(rows: list[dict]) -> dict:

@@ -25,6 +25,12 @@ def _image(doc: dict, key: str, alt: str) -> list[str]:
     return [f"![{alt}]({path})", ""] if path else []
 
 
+def row_label(row: dict) -> str:
+    """A PTQ row's name in the table and the figure: method, and its iterations if any."""
+    label = row["method"].upper()
+    return f"{label} ({row['iters']} it)" if row["method"] != "rtn" and row["iters"] else label
+
+
 def format_report(doc: dict) -> str:
     """The markdown report: run, PTQ table, training, per-layer errors, flatness, timings."""
     run = doc["run"]
@@ -55,7 +61,7 @@ def _ptq(doc: dict) -> list[str]:
     keys = list(dict.fromkeys(k for r in rows for k in r["accuracy"]))
     body = []
     for r in rows:
-        method = r["method"].upper() + (f" ({r['iters']} it)" if r["iters"] else "")
+        method = row_label(r)
         accs = [_f(r["accuracy"].get(k), ".2f") for k in keys]
         body.append([method, *accs, str(r["n_calib"]), ", ".join(r["sources"])])
     head = ["PTQ", *(k.upper() for k in keys), "calib images", "from"]
