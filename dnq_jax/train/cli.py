@@ -46,7 +46,7 @@ def train_main(argv: list[str] | None = None) -> None:
 
 
 def _train(config, workdir: str) -> int:
-    _quiet_logs()
+    quiet_logs()
     from dnq_jax.train import evaluate, loop
 
     try:
@@ -121,7 +121,7 @@ def evaluate_main(argv: list[str] | None = None) -> None:
 
 
 def _evaluate(workdir: str, bits: str | None, method: str | None, iters: int | None) -> int:
-    _quiet_logs()
+    quiet_logs()
     from dnq_jax.train import evaluate
 
     results = evaluate.evaluate_workdir(workdir, bits, method, iters)
@@ -133,7 +133,7 @@ def _evaluate(workdir: str, bits: str | None, method: str | None, iters: int | N
 
 
 def _report(workdir: str, bits: str | None, sizes: dict[str, int | None]) -> int:
-    _quiet_logs()
+    quiet_logs()
     if not _primary():  # the report is measured and written by process 0 alone
         return errors.EXIT_OK
     from dnq_jax.train import report
@@ -197,7 +197,7 @@ def _list_in_help(*names: str) -> None:
         flags.FLAGS.register_flag_by_module(sys.argv[0], flags.FLAGS[name])
 
 
-def _quiet_logs() -> None:
+def quiet_logs() -> None:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console

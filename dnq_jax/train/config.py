@@ -344,6 +344,11 @@ def from_json_text(text: str, source: str = "config.json") -> ml_collections.Con
     return c
 
 
+def bits_name(wb: int, ab: int) -> str:
+    """(4, 4) -> 'w4a4': the key of a precision in results files and tables."""
+    return f"w{wb}a{ab}"
+
+
 def parse_bits(spec: str) -> list[tuple[int, int]]:
     """'w8a8,w4a4' -> [(8, 8), (4, 4)]; raises ConfigError on malformed or out-of-range bits."""
     out = []

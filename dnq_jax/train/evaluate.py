@@ -56,8 +56,7 @@ class EvalSettings:
         return dataclasses.replace(s, **overrides)
 
 
-def bits_name(wb: int, ab: int) -> str:
-    return f"w{wb}a{ab}"
+bits_name = config_lib.bits_name
 
 
 def make_accuracy_fn(model, batch_size: int):

@@ -100,3 +100,20 @@ def begin_from(donor: Path, run: Path, c: ml_collections.ConfigDict) -> int:
     origin = {"donor": str(donor), "step": step}
     workdir.write_text(run / "fork.json", json.dumps(origin, indent=2) + "\n")
     return step
+
+
+def begin_from_sibling(run: Path, c: ml_collections.ConfigDict) -> Path | None:
+    """A run with no checkpoint begins from the kept warm-up of a run beside it (a folder
+    of `run`'s parent, as a grid's cells are) that is `c`'s; returns that donor, or None."""
+    if newest_checkpoint(run) is not None or not run.parent.is_dir():
+        return None
+    others = sorted(p for p in run.parent.iterdir() if p.is_dir() and p != run)
+    donor = find_donor(others, c)
+    if donor is not None:
+        step = begin_from(donor, run, c)
+        print(
+            f"dnq_jax grid: {run.name} starts at step {step} from {donor.name}'s warm-up "
+            "(the same run up to the noise stage)",
+            flush=True,
+        )
+    return donor

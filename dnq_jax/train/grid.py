@@ -123,7 +123,7 @@ def make_cells(
             c = get_config(arg)
             cell_bits = own_bits or tuple(config_lib.parse_bits(bits or c.eval.bits))
             # The trainer's own evaluation (results.json) is then the RTN one the grid needs.
-            c.eval.bits = ",".join(f"w{w}a{a}" for w, a in cell_bits)
+            c.eval.bits = _bits_text(cell_bits)
             config_lib.validate(c)  # every cell is checked before the first one trains
             cells.append(Cell(name, int(seed), c, cell_bits, pairs))
     names = [c.name for c in cells]
@@ -194,7 +194,7 @@ def collect(cell: Cell, cwd: Path, ptq: list[str], iters: int) -> dict | None:
     for method in ptq:
         want = _eval_settings(cell, method, iters)
         have = _read(cwd / f"ptq_{method}.json")
-        keys = [f"w{w}a{a}" for w, a in want.bits]
+        keys = [config_lib.bits_name(*b) for b in want.bits]
         if not _compatible(have, want) or any(k not in have for k in keys):
             return None
         record["ptq"][method] = {k: have[k] for k in keys}
@@ -218,7 +218,7 @@ def evaluate_cell(cell: Cell, cwd: Path, ds, ptq: list[str], iters: int) -> None
             # RTN at the cell's bits is what the trainer measured at the end of the run.
             have = results if _compatible(results, want) else {}
             have = {k: v for k, v in have.items() if k not in ("swa_snapshots", "steps")}
-        missing = tuple(b for b in want.bits if f"w{b[0]}a{b[1]}" not in have)
+        missing = tuple(b for b in want.bits if config_lib.bits_name(*b) not in have)
         if missing:
             if variables is None:
                 c = cell.config
@@ -288,7 +288,7 @@ def load_included(
                 mine = overrides.get(r.get("setting"), r.get("overrides"))
                 usable = usable and r.get("overrides") == mine
             else:
-                keys = {m: [f"w{w}a{a}" for w, a in cell.bits] for m in ptq}
+                keys = {m: [config_lib.bits_name(*b) for b in cell.bits] for m in ptq}
                 usable = r.get("overrides") == cell.overrides and all(
                     k in have.get(m, {}) for m in ptq for k in keys[m]
                 )
@@ -306,7 +306,7 @@ def load_included(
 
 
 def _bits_text(bits: Bits) -> str:
-    return ",".join(f"w{w}a{a}" for w, a in bits)
+    return ",".join(config_lib.bits_name(*b) for b in bits)
 
 
 def run_grid(
@@ -329,7 +329,7 @@ def run_grid(
     from another cell's kept warm-up when their configs differ in noise keys only (`fork.py`;
     the same states, bit for bit), instead of training it again.
     """
-    from dnq_jax.train import builders
+    from dnq_jax.train import builders, fork
     from dnq_jax.train.loop import train_and_evaluate
 
     ptq = list(ptq)
@@ -380,31 +380,13 @@ def run_grid(
         t0 = time.time()
         if not done:
             if share_warmup:
-                _begin_from_donor(cell, cwd, wd / "cells")
+                fork.begin_from_sibling(cwd, cell.config)
             print(f"dnq_jax grid: training {cell.name} in {cwd}", flush=True)
             train_and_evaluate(cell.config, str(cwd), dataset=datasets[key])
         evaluate_cell(cell, cwd, datasets[key], ptq, ptq_iters)
         print(f"dnq_jax grid: {cell.name} done ({time.time() - t0:.0f} s)", flush=True)
         report()
     return report()
-
-
-def _begin_from_donor(cell: Cell, cwd: Path, cells_dir: Path) -> None:
-    """A cell with no checkpoint starts from the kept warm-up of another cell whose config
-    differs from its own in noise keys only, when one is there (`fork.py`)."""
-    from dnq_jax.train import fork
-
-    if fork.newest_checkpoint(cwd) is not None:
-        return
-    others = sorted(p for p in cells_dir.iterdir() if p.is_dir() and p != cwd)
-    donor = fork.find_donor(others, cell.config)
-    if donor is not None:
-        step = fork.begin_from(donor, cwd, cell.config)
-        print(
-            f"dnq_jax grid: {cell.name} starts at step {step} from {donor.name}'s warm-up "
-            "(the same run up to the noise stage)",
-            flush=True,
-        )
 
 
 def enable_compile_cache(path: str | Path) -> None:
@@ -464,9 +446,9 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     enable_compile_cache(wd / ".jax_cache")
     import jax
 
-    from dnq_jax.train import builders
+    from dnq_jax.train import builders, cli
 
-    cli_quiet_logs()
+    cli.quiet_logs()
     command = "python -m dnq_jax.train.grid " + " ".join(argv if argv is not None else sys.argv[1:])
     device = builders.device_description(builders.make_mesh(0))
     ptq = [m.strip() for m in args.ptq.split(",") if m.strip()]
@@ -502,12 +484,6 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     print((wd / "grid.md").read_text())
     print(f"wall time {time.time() - t0:.0f} s; written: {wd}/grid.md, {wd}/grid.json")
     return 0
-
-
-def cli_quiet_logs() -> None:
-    from absl import logging
-
-    logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
 
 
 if __name__ == "__main__":
