@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from dnq_jax.errors import EXIT_CODES, ConfigError
-from dnq_jax.train import checkpoint, metrics
+from dnq_jax.train import checkpoint, fork, metrics
 
 # Subprocess training on two cores: run by `make test-multiprocess` (and CI), not by the
 # quick `make test`.
@@ -215,9 +215,21 @@ def test_each_file_is_written_once(runs):
     assert (
         sorted(set(_top_level(two)))
         == [n for n in _top_level(one) if n != "ptq_results.json"]  # one: evaluated too
-        == ["checkpoints", "config.json", "events", "final", "metrics.jsonl", "results.json"]
+        == [
+            "checkpoints",
+            "config.json",
+            "events",
+            "final",
+            "metrics.jsonl",
+            "noise_start",
+            "results.json",
+        ]
     )
     assert _steps(two) == _steps(one) == [4, 6]
+    # The warm-up kept once, at the noise stage's first step, complete.
+    starts = [fork.start_state(wd) for wd in (one, two)]
+    assert [s.name for s in starts] == ["2", "2"]
+    assert len(list((two / "noise_start").iterdir())) == 1
     assert len(metrics.read(two)) == 3  # one row per epoch, not one per process
     assert checkpoint.is_finalized(two / "final")
     assert not [p for p in (two / "checkpoints").iterdir() if ocp.utils.is_tmp_checkpoint(p)]
