@@ -31,6 +31,8 @@ def test_only_noise_keys_may_differ_between_runs_sharing_a_warm_up():
         (RUN + ",noise.w_scale=0.7071,noise.ramp=exp,noise.n_calib=16", []),
         (RUN + ",method=swa", []),  # no noise at all, SWA like dnq
         (RUN + ",method=naive,eval.bits=w2a4,runtime.chunk_steps=2", []),
+        (RUN + ",swa.bn_recalibration=False", []),  # read after the last epoch
+        (RUN + ",swa.lr=0.01", ["swa.lr"]),
         (RUN + ",method=sgd", ["swa.enabled"]),  # the optimizer state differs
         (RUN + ",noise.start_epoch=2", ["noise.start_epoch"]),
         (RUN + ",optim.learning_rate=0.2,seed=3", ["optim.learning_rate", "seed"]),

@@ -10,8 +10,9 @@ same bit-exact rule as after an interruption) takes it on. In the paper's protoc
 is two thirds of the run, so a grid of noise settings trains it once per seed.
 
 Which keys may differ (`prefix_conflicts`): those of the groups a run may change on resume
-(`config.RESUME_FREE_GROUPS`) and every `noise.*` key except `noise.start_epoch`; everything
-else, the method's SWA and SAM switches and the seed included, must be equal. A method without
+(`config.RESUME_FREE_GROUPS`), every `noise.*` key except `noise.start_epoch`, and
+`swa.bn_recalibration` (read after the last epoch); everything else, the method's SWA and SAM
+switches and the seed included, must be equal. A method without
 noise (sgd, swa) has a warm-up like any other, so a `swa` run and a `dnq` run (both with SWA,
 the same seed) share theirs. Written for one process (the grid's), on process 0.
 """
@@ -30,8 +31,11 @@ from dnq_jax.train import config as config_lib
 
 
 def deferred(key: str) -> bool:
-    """Whether the run reads `key` ('group.key') only from the noise stage's start on."""
-    return key.startswith("noise.") and key != "noise.start_epoch"
+    """Whether the run reads `key` ('group.key') only from the noise stage's start on (the
+    BN re-estimation after SWA only once the epochs are over)."""
+    return (key.startswith("noise.") and key != "noise.start_epoch") or key == (
+        "swa.bn_recalibration"
+    )
 
 
 def prefix_conflicts(saved: dict, c: ml_collections.ConfigDict) -> list[str]:

@@ -29,10 +29,11 @@ settings as finished here (not trained again; their rows are marked as included)
 elsewhere join one mean ± std; its cells of settings this grid does not have are reported
 too, so a grid run for a few settings keeps the others' rows.
 
-Cells that differ in `noise.*` keys only (not `noise.start_epoch`) share their warm-up, the
-epochs before the noise stage, bit for bit: a cell not started yet begins from the state
-another cell kept at the noise stage's start (`W/cells/<cell>/noise_start/`; `fork.py`) and
-trains only from there (`--no-shared-warmup` trains every warm-up).
+Cells that differ only in `noise.*` keys (not `noise.start_epoch`) and `swa.bn_recalibration`
+share their warm-up, the epochs before the noise stage, bit for bit: a cell not started yet
+begins from the state another cell kept at the noise stage's start
+(`W/cells/<cell>/noise_start/`; `fork.py`) and trains only from there (`--no-shared-warmup`
+trains every warm-up).
 """
 
 from __future__ import annotations
