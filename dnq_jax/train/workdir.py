@@ -3,6 +3,7 @@
 Layout:
   config.json          the config of the run (read back by evaluate.py and on resume)
   checkpoints/<step>/  train states (`checkpoint.py`)
+  noise_start/<step>/  the train state at the noise stage's first step (`fork.py`)
   final/               the evaluated variables (`checkpoint.py`)
   metrics.jsonl, events.out.tfevents.*   per-epoch metrics (`metrics.py`)
   results.json         FP32 and PTQ top-1 of the finished run; ptq_results.json: evaluate.py
