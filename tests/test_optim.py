@@ -1,5 +1,7 @@
 """SWA as an optax transform, BN re-estimation, and config validation."""
 
+import types
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -46,6 +48,38 @@ class _BNNet(nn.Module):
         x = nn.Conv(4, (3, 3), use_bias=False, name="conv")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x)
         return nn.Dense(2, name="head")(nn.relu(x).mean((1, 2)))
+
+
+def test_bn_batches_mix_a_class_sorted_training_set():
+    # 64 images stored class by class, the classes far apart: the data's variance is mostly
+    # between the classes.
+    rng = np.random.default_rng(0)
+    stored = rng.integers(20, 24, size=(64, 6, 6, 3)).astype(np.uint8)
+    stored[32:] += 180
+    zero, one = np.zeros(3, np.float32), np.ones(3, np.float32)
+    ds = types.SimpleNamespace(train_images=stored, num_train=64, mean=zero, std=one)
+    x = stored.astype(np.float32) / 255.0  # normalised with mean 0, std 1
+    batches = list(optim.bn_batches(ds, 8, jax.random.key(2)))
+    seen = np.concatenate([np.asarray(b) for b in batches])
+    assert seen.shape == x.shape
+    back = np.rint(seen * 255).astype(np.uint8)  # each stored image once, in another order
+    np.testing.assert_array_equal(np.unique(back, axis=0), np.unique(stored, axis=0))
+    assert len(np.unique(back, axis=0)) == 64
+    model = _InputBN()
+    variables = model.init(jax.random.key(1), x[:1])
+    var = lambda bs: np.asarray(
+        optim.recompute_batch_stats(model, variables, bs)["batch_stats"]["bn"]["var"]
+    )
+    whole = x.var((0, 1, 2), dtype=np.float64)  # the data's own variance, per channel
+    np.testing.assert_allclose(var(batches), whole, rtol=0.3)
+    # Batches in the stored order (what the re-estimation used) see one class each.
+    assert (var([x[a : a + 8] for a in range(0, 64, 8)]) < 0.01 * whole).all()
+
+
+class _InputBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.BatchNorm(use_running_average=not train, name="bn")(x).mean((1, 2))
 
 
 def test_bn_recalibration_is_the_average_of_batch_statistics():

@@ -97,6 +97,11 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     ("noise.w_bits", 2, "weight bit-width of the modelled quantizer"),
     ("noise.a_bits", 4, "activation bit-width of the modelled quantizer"),
     ("noise.n_calib", 0, "profiler calibration images (0: quant.n_calib)"),
+    (
+        "noise.calibrator",
+        "minmax",
+        "activation range calibrator of the modelled quantizer (match eval.calibrator)",
+    ),
     ("quant.keep_ends_8bit", True, "first and last layer at 8 bits (profiler and evaluation)"),
     ("quant.n_calib", 100, "calibration images (profiler and evaluation)"),
     ("quant.calib_seed", 0, "seed of the calibration subset"),
@@ -250,6 +255,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _one_of(c, "noise.mask", MASKS)
     _one_of(c, "noise.weight", WEIGHT_NOISE)
     _one_of(c, "eval.calibrator", CALIBRATORS)
+    _one_of(c, "noise.calibrator", CALIBRATORS)
     _one_of(c, "eval.method", ptq_methods())
     _one_of(c, "runtime.loop", LOOPS)
     _check(c.quant.n_calib >= 1, "quant.n_calib", f"must be positive, got {c.quant.n_calib}")

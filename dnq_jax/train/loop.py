@@ -115,6 +115,7 @@ def train_and_evaluate(
             w_bits=c.noise.w_bits,
             a_bits=c.noise.a_bits,
             keep_ends_8bit=c.quant.keep_ends_8bit,
+            a_calibrator=c.noise.calibrator,
         )
     )
     ema = jax.jit(lambda old, new: profiler.ema_update(old, new, c.noise.ema_decay))
@@ -202,7 +203,9 @@ def train_and_evaluate(
     final = jax.device_get(state.variables(params))
     with workdir_lib.agreed():
         if n_swa and c.swa.bn_recalibration and "batch_stats" in final:
-            batches = _clean_batches(ds, c.optim.batch_size)
+            # Its own permutation: the shuffle stream at an epoch number no epoch uses.
+            key = jax.random.fold_in(sub_key(root_key(state), KEY_SHUFFLE), num_epochs)
+            batches = optim.bn_batches(ds, c.optim.batch_size, key)
             final = jax.device_get(optim.recompute_batch_stats(model, final, batches))
     checkpoint.save_final(wd, final)
     eval_settings = evaluate.EvalSettings.from_config(c)
@@ -230,13 +233,6 @@ def noise_lambda(c: ml_collections.ConfigDict, epoch: int) -> float:
         kind=n.ramp,
     )
     return float(lam)
-
-
-def _clean_batches(ds: data.Dataset, batch_size: int):
-    """Unaugmented normalised training batches, one pass (for BN re-estimation)."""
-    n = (ds.num_train // batch_size) * batch_size
-    for a in range(0, n, batch_size):
-        yield data.normalize(jnp.asarray(ds.train_images[a : a + batch_size]), ds.mean, ds.std)
 
 
 def _roll_back(

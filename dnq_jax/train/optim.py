@@ -20,9 +20,10 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from dnq_jax import taps
+from dnq_jax import data, taps
 
 PyTree = Any
 
@@ -173,6 +174,19 @@ def make_batch_moments(
         return found
 
     return moments
+
+
+def bn_batches(ds, batch_size: int, key: jax.Array):
+    """One pass over `ds`'s training images (an `data.Dataset`), unaugmented and normalised,
+    in batches of `batch_size` drawn in a shuffled order from `key`.
+
+    Shuffled because a stored order can be sorted by class (the CIFAR-10 file is): a one-class
+    batch's statistics are the class's, and their average misses the between-class part of
+    every variance (and, with BN in train mode, every later layer's input is then wrong too).
+    """
+    idx = np.asarray(data.epoch_indices(key, ds.num_train, batch_size))
+    for rows in idx:
+        yield data.normalize(jnp.asarray(ds.train_images[np.sort(rows)]), ds.mean, ds.std)
 
 
 def recompute_batch_stats(
