@@ -69,12 +69,22 @@ def _reported(workdir: Path) -> set[str] | None:
     return {r["name"] for r in doc.get("cells", [])} - set(doc.get("pending", []))
 
 
+def _is_donor_archive(archive: Path) -> bool:
+    """Whether `archive` holds a warm-up only (no checkpoint, no final variables)."""
+    try:
+        with tarfile.open(archive) as tar:
+            names = tar.getnames()
+    except (OSError, tarfile.TarError):
+        return False
+    return not any(n.startswith(("checkpoints", "final")) for n in names)
+
+
 def save(workdir: Path, parked: Path) -> list[str]:
     """Pack every unfinished cell, and one finished donor per warm-up no unfinished cell
     carries; drop the parked copies of the other finished cells. A cell trained but not yet
     PTQ-evaluated (grid.json lists it as pending) is packed with its final variables and
     results. Returns the unfinished cells packed."""
-    out, carried, donors = [], set(), {}
+    out, carried, donors, finished = [], set(), {}, []
     reported = _reported(workdir)
     for cell in sorted((workdir / "cells").glob("*")):
         if not (cell / "config.json").exists():
@@ -83,11 +93,9 @@ def save(workdir: Path, parked: Path) -> list[str]:
         start = fork.start_state(cell)
         trained = (cell / "results.json").exists()
         if trained and (reported is None or cell.name in reported):
+            finished.append(cell)
             if start is not None:
                 donors.setdefault(_warmup(cell), (cell, start))
-            if archive.exists():
-                archive.unlink()
-                print(f"{cell.name}: finished, parked copy removed")
             continue
         step = None if trained else fork.newest_checkpoint(cell)
         if trained:
@@ -105,11 +113,18 @@ def save(workdir: Path, parked: Path) -> list[str]:
         _pack(cell, archive, parts, None if trained else int(step.name))
         out.append(cell.name)
         print(f"{cell.name}: parked {what} ({archive.stat().st_size // 1024} KB)")
-    for key, (cell, start) in donors.items():
-        if key not in carried:
-            parked.mkdir(parents=True, exist_ok=True)
-            _pack(cell, parked / f"{cell.name}.tar.gz", [start], int(start.name))
-            print(f"{cell.name}: its warm-up (step {start.name}) parked for the cells sharing it")
+    kept = {cell.name: start for key, (cell, start) in donors.items() if key not in carried}
+    for cell in finished:
+        archive = parked / f"{cell.name}.tar.gz"
+        if cell.name in kept:
+            start = kept[cell.name]
+            if not _is_donor_archive(archive):  # a warm-up never changes: written once
+                parked.mkdir(parents=True, exist_ok=True)
+                _pack(cell, archive, [start], int(start.name))
+                print(f"{cell.name}: its warm-up (step {start.name}) parked for the cells after it")
+        elif archive.exists():
+            archive.unlink()
+            print(f"{cell.name}: finished, parked copy removed")
     return out
 
 

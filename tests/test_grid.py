@@ -120,6 +120,9 @@ def test_a_parked_cell_resumes_in_a_fresh_workdir_to_the_uninterrupted_result(ki
     for archive in parked.iterdir():
         with tarfile.open(archive) as tar:
             assert not [n for n in tar.getnames() if n.startswith("checkpoints")]
+    before = {p.name: p.read_bytes() for p in parked.iterdir()}
+    assert park.save(fresh, parked) == []  # a warm-up archive is written once, then kept
+    assert {p.name: p.read_bytes() for p in parked.iterdir()} == before
 
 
 def test_grid_cell_equals_the_same_config_run_alone(killed_grid, smoke_run):
