@@ -11,9 +11,9 @@
 #   ramp_cosine / ramp_exp                   the other ramp shapes
 #   calib16 / calib1024                      the profiler's calibration-set size
 #             (noise.n_calib; 100 in dnq; the evaluation keeps quant.n_calib = 100)
+#   bn_off    SWA's average evaluated with the BN statistics of the last step, not re-estimated
 #   noise_early  the noise stage from epoch 4 instead of 8 (12 noise epochs, not 8): does a
 #             longer stage let the model win back its FP32 accuracy under the noise?
-#   bn_off    SWA's average evaluated with the BN statistics of the last step, not re-estimated
 # Each model is PTQ-evaluated at FP32 and W2A4 with RTN and QDrop (200 iterations per block).
 #
 #   bash experiments/dnq_ablations.sh        (PYTHON=..., WORKDIR=..., CELLS="w_scale swa")
@@ -40,8 +40,10 @@ declare -A CELL=(
   [noise_early]="method=dnq,noise.start_epoch=4,$W2A4"
   [bn_off]="method=dnq,swa.bn_recalibration=False,$W2A4"
 )
-# swa trains the seed's warm-up (epochs 0-7) once for every cell with SWA (naive ... bn_off
-# begin from it: dnq_jax/train/fork.py); wqn once for aqn (no SWA); noise_early trains its own.
+# The first cell with SWA this workdir trains (swa, where w_scale and lambda_half come from
+# the committed results) trains the seed's warm-up (epochs 0-7); the later ones (naive ...
+# bn_off) begin from it (dnq_jax/train/fork.py); wqn trains the warm-up without SWA for aqn;
+# noise_early, whose noise starts elsewhere, trains its own.
 ORDER="w_scale lambda_half swa wqn aqn naive accumulate ramp_cosine ramp_exp calib16 calib1024"
 ORDER+=" bn_off noise_early"
 ARGS=(--config "$TABLE_CONFIG" --seeds 0 --ptq rtn,qdrop --ptq-iters 200)

@@ -116,7 +116,11 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     ("eval.method", "rtn", "PTQ method of the final evaluation (dnq_jax.ptq)"),
     ("eval.iters", 0, "reconstruction iterations of the PTQ method (0 = its default)"),
     ("runtime.num_devices", 0, "devices in the data mesh (0 = all)"),
-    ("runtime.chunk_steps", 0, "steps per jitted call; 0 = a whole epoch on GPU/TPU, 1 on CPU"),
+    (
+        "runtime.chunk_steps",
+        0,
+        "steps per jitted call; 0 = a whole epoch when steps are scanned (runtime.loop), else 1",
+    ),
     ("runtime.loop", "auto", "steps of a chunk: scan, unroll (straight-line), auto (scan off CPU)"),
     ("runtime.ckpt_every_epochs", 10, "checkpoint cadence"),
     ("runtime.keep_checkpoints", 2, "checkpoints kept"),

@@ -7,7 +7,7 @@ that step in `noise_start/` (`checkpoint.save_noise_start`); a run that has not 
 can begin from another's: its first checkpoint is a copy of the donor's `noise_start/<step>/`,
 its metrics the donor's rows up to that step, and from there the trainer's own resume (the
 same bit-exact rule as after an interruption) takes it on. In the paper's protocol the warm-up
-is two thirds of the run, so a grid of noise settings trains it once per seed.
+is half of the run, so a grid of noise settings trains it once per seed.
 
 Which keys may differ (`prefix_conflicts`): those of the groups a run may change on resume
 (`config.RESUME_FREE_GROUPS`), every `noise.*` key except `noise.start_epoch`, and
