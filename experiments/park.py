@@ -87,8 +87,8 @@ def save(workdir: Path, parked: Path) -> list[str]:
     out, carried, donors, finished = [], set(), {}, []
     reported = _reported(workdir)
     for cell in sorted((workdir / "cells").glob("*")):
-        if not (cell / "config.json").exists():
-            continue
+        if cell.name.startswith(".") or not (cell / "config.json").exists():
+            continue  # a temporary folder, or not a run
         archive = parked / f"{cell.name}.tar.gz"
         start = fork.start_state(cell)
         trained = (cell / "results.json").exists()

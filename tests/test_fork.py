@@ -102,3 +102,20 @@ def test_a_run_with_a_checkpoint_is_never_overwritten_by_a_donor(smoke_run, tmp_
         fork.begin_from(smoke_wd, smoke_wd, resnet.get_config(RUN))
     with pytest.raises(ValueError, match=checkpoint.NOISE_START):
         fork.begin_from(tmp_path, tmp_path / "run", resnet.get_config(RUN))
+
+
+def test_a_begin_cut_short_is_undone_and_done_again(smoke_run, tmp_path):
+    smoke_wd, _ = smoke_run
+    shutil.copytree(smoke_wd, tmp_path / "cells" / "donor")
+    run = tmp_path / "cells" / "w4"
+    run.mkdir()
+    # What a kill between fork.json and the checkpoint's move leaves behind.
+    (run / "fork.json").write_text('{"donor": "elsewhere", "step": 99}')
+    (run / "metrics.jsonl").write_text('{"step": 99, "epoch": 25}\n')
+    c = resnet.get_config(RUN + ",noise.w_bits=4")
+    assert fork.begin_from_sibling(run, c) == tmp_path / "cells" / "donor"
+    assert fork.newest_checkpoint(run).name == "4"
+    assert [r["step"] for r in metrics.read(run)] == [4]
+    assert json.loads((run / "fork.json").read_text())["step"] == 4
+    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == ["donor", "w4"]
+    assert fork.begin_from_sibling(run, c) is None  # it has its checkpoint now

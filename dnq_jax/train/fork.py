@@ -26,7 +26,7 @@ from pathlib import Path
 
 import ml_collections
 
-from dnq_jax.train import checkpoint, metrics, workdir
+from dnq_jax.train import checkpoint, metrics
 from dnq_jax.train import config as config_lib
 
 
@@ -84,25 +84,33 @@ def find_donor(runs: list[Path], c: ml_collections.ConfigDict) -> Path | None:
 def begin_from(donor: Path, run: Path, c: ml_collections.ConfigDict) -> int:
     """Make `run` (a workdir with no checkpoint) start from `donor`'s warm-up; returns its
     step. Writes checkpoints/<step>/, the donor's metrics rows up to it, config.json and
-    fork.json (where the state came from); the trainer then resumes `run` from that step."""
+    fork.json (where the state came from); the trainer then resumes `run` from that step.
+
+    A kill midway leaves no half-begun run: a new `run` is assembled in a temporary folder
+    renamed into place; into an existing one the checkpoint is moved last, and a fork.json
+    without a checkpoint (a begin cut short there) is undone by the next call."""
     src = start_state(donor)
     if src is None:
         raise ValueError(f"{donor} holds no complete {checkpoint.NOISE_START}/ state")
     step = int(src.name)
     if newest_checkpoint(run) is not None:
         raise ValueError(f"{run} already has a checkpoint: it resumes from its own")
-    ckpts = run / "checkpoints"
-    ckpts.mkdir(parents=True, exist_ok=True)
-    tmp = ckpts / f".{step}.copying"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    os.replace(tmp, ckpts / str(step))  # the rename commits it, as Orbax's own does
+    staging = run.with_name(f".{run.name}.beginning")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(src, staging / "checkpoints" / str(step))
     rows = [r for r in metrics.read(donor) if r.get("step", step + 1) <= step]
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    workdir.write_text(run / "metrics.jsonl", text)
-    workdir.write_config(run, c)
+    (staging / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (staging / "config.json").write_text(config_lib.to_json(c))
     origin = {"donor": str(donor), "step": step}
-    workdir.write_text(run / "fork.json", json.dumps(origin, indent=2) + "\n")
+    (staging / "fork.json").write_text(json.dumps(origin, indent=2) + "\n")
+    if not run.exists():
+        os.replace(staging, run)
+        return step
+    for name in ("metrics.jsonl", "config.json", "fork.json"):
+        os.replace(staging / name, run / name)
+    (run / "checkpoints").mkdir(exist_ok=True)
+    os.replace(staging / "checkpoints" / str(step), run / "checkpoints" / str(step))
+    shutil.rmtree(staging)
     return step
 
 
@@ -111,6 +119,9 @@ def begin_from_sibling(run: Path, c: ml_collections.ConfigDict) -> Path | None:
     of `run`'s parent, as a grid's cells are) that is `c`'s; returns that donor, or None."""
     if newest_checkpoint(run) is not None or not run.parent.is_dir():
         return None
+    if (run / "fork.json").exists():  # a begin cut short before its checkpoint: undo it
+        for name in ("fork.json", "metrics.jsonl"):
+            (run / name).unlink(missing_ok=True)
     others = sorted(p for p in run.parent.iterdir() if p.is_dir() and p != run)
     donor = find_donor(others, c)
     if donor is not None:
