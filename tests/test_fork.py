@@ -119,3 +119,17 @@ def test_a_begin_cut_short_is_undone_and_done_again(smoke_run, tmp_path):
     assert json.loads((run / "fork.json").read_text())["step"] == 4
     assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == ["donor", "w4"]
     assert fork.begin_from_sibling(run, c) is None  # it has its checkpoint now
+
+
+@pytest.mark.parametrize("flag, shared", [([], True), (["--no-shared-warmup"], False)])
+def test_the_grid_command_shares_warm_ups_unless_told_not_to(tmp_path, monkeypatch, flag, shared):
+    seen = {}
+
+    def run_grid(*args, **kwargs):  # records its options, writes the report _main prints
+        seen.update(kwargs)
+        (tmp_path / "grid.md").write_text("# the report\n")
+
+    monkeypatch.setattr(grid, "run_grid", run_grid)
+    argv = ["--config", "configs/resnet.py:smoke", "--methods", "dnq", "--workdir", str(tmp_path)]
+    assert grid.main(argv + flag) == 0
+    assert seen["share_warmup"] is shared

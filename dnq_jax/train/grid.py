@@ -424,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         "--no-shared-warmup",
         action="store_true",
         help="train every cell's warm-up itself (default: a cell whose config differs from "
-        "another's in noise keys only starts from that cell's state at the noise stage)",
+        "another's only in noise keys and swa.bn_recalibration starts from that cell's state "
+        "at the noise stage)",
     )
     p.add_argument("--verbose", action="store_true", help="tracebacks for expected errors")
     args = p.parse_args(argv)
