@@ -44,12 +44,10 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def _pack(cell: Path, archive: Path, parts: list[Path], rows_to: int | None) -> None:
     """Write the cell's config.json, its metrics rows (up to step `rows_to`; None: all) and
     `parts` (files and folders of the cell) to `archive`, atomically."""
-    rows = [r for r in metrics.read(cell) if rows_to is None or r.get("step", rows_to) <= rows_to]
     tmp = archive.with_suffix(".tmp")
     with tarfile.open(tmp, "w:gz") as tar:
         tar.add(cell / "config.json", "config.json")
-        text = "".join(json.dumps(r) + "\n" for r in rows)
-        _add_bytes(tar, "metrics.jsonl", text.encode())
+        _add_bytes(tar, "metrics.jsonl", metrics.text_upto(cell, rows_to).encode())
         for part in parts:
             tar.add(part, str(part.relative_to(cell)))
     tmp.replace(archive)

@@ -98,8 +98,7 @@ def begin_from(donor: Path, run: Path, c: ml_collections.ConfigDict) -> int:
     staging = run.with_name(f".{run.name}.beginning")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(src, staging / "checkpoints" / str(step))
-    rows = [r for r in metrics.read(donor) if r.get("step", step + 1) <= step]
-    (staging / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (staging / "metrics.jsonl").write_text(metrics.text_upto(donor, step))
     (staging / "config.json").write_text(config_lib.to_json(c))
     origin = {"donor": str(donor), "step": step}
     (staging / "fork.json").write_text(json.dumps(origin, indent=2) + "\n")

@@ -89,3 +89,10 @@ def read(workdir: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+def text_upto(workdir: str | os.PathLike, step: int | None) -> str:
+    """workdir/metrics.jsonl's rows up to `step` (None: all) as JSON lines: the history a
+    run restored or begun at that step takes along."""
+    rows = [r for r in read(workdir) if step is None or r.get("step", step + 1) <= step]
+    return "".join(json.dumps(r) + "\n" for r in rows)
