@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The paper's table on CIFAR-10 (the JPEG q75 file, data.name=cifar10_jpeg), for a GPU: SGD
+# against DNQ with the noise modelled at each target, every model PTQ-evaluated at FP32 and its
+# target(s) with RTN, AdaRound, BRECQ and QDrop (the DNQ rows get the four too: the paper shows
+# RTN and QDrop for them, the others are extra rows of the same run).
+#
+#   bash experiments/cifar10_table.sh                  (one grid per model in MODELS)
+#   MODELS=resnet20 SEEDS=0 bash experiments/cifar10_table.sh
+#
+# Environment: MODELS (resnet20 mobilenet_v2), SEEDS (0,1,2), PRESET (fast: the paper's
+# protocol scaled to 40 epochs, noise from 20, SWA over the last 10; paper: 400 epochs, noise
+# from 200, SWA from 300), PTQ_ITERS (2000 reconstruction iterations per block; the paper
+# uses 20,000), EXTRA (more config pairs, e.g. optim.batch_size=128), WORKDIR_ROOT
+# (workdirs), PYTHON. The data file is found as configs/resnet.py says (runtime.npz_path,
+# else DNQ_CIFAR10_JPEG, else ../shared/data/ beside the repository).
+#
+# Rows: ResNet-20 at W4A4, W2A4 and W2A2 (sgd evaluated at all three; one dnq cell per
+# target); MobileNetV2 at W4A4 and W2A4 (the paper reports it at W4A4). Batch 64, lr 0.015
+# cosine, wd 1e-3, label smoothing 0.1 (the paper's; configs/resnet.py). With the shared
+# warm-ups each DNQ cell after the first of its seed trains only the noise stage.
+#
+# Not timed on a GPU yet. Projection from benchmarks/RESULTS.md (a scanned ResNet-20 epoch of
+# 781 steps at batch 64: 1.69 s plain on an H200, DNQ about 1.2x): PRESET=fast is about 40 +
+# 40 + 20 + 20 = 120 epochs per seed, ~4 minutes of training per ResNet-20 seed plus compiles
+# and PTQ; PRESET=paper ten times that. MobileNetV2 is several times slower per epoch.
+#
+# The grids resume like every grid (run the same command again), and unfinished cells are
+# parked for another machine with `python experiments/park.py save WORKDIR NAME` (NAME is
+# cifar10_<model>; ResNet-20 checkpoints are a few MB, MobileNetV2's about 30 MB). Results are
+# copied to experiments/results/cifar10_<model>.{md,json,png}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source experiments/common.sh
+MODELS=${MODELS:-resnet20 mobilenet_v2}
+SEEDS=${SEEDS:-0,1,2}
+PRESET=${PRESET:-fast}
+PTQ_ITERS=${PTQ_ITERS:-2000}
+WORKDIR_ROOT=${WORKDIR_ROOT:-workdirs}
+case "$PRESET" in
+  fast) preset=fast ;;
+  paper) preset="" ;;
+  *) echo "PRESET must be fast or paper, not $PRESET" >&2; exit 2 ;;
+esac
+
+cells_for() {  # the --cell arguments of one model
+  local noise=method=dnq
+  case "$1" in
+    resnet20)
+      echo "--cell sgd:method=sgd,bits=w4a4+w2a4+w2a2"
+      echo "--cell dnq_w4a4:$noise,noise.w_bits=4,noise.a_bits=4,bits=w4a4"
+      echo "--cell dnq_w2a4:$noise,noise.w_bits=2,noise.a_bits=4,bits=w2a4"
+      echo "--cell dnq_w2a2:$noise,noise.w_bits=2,noise.a_bits=2,bits=w2a2"
+      ;;
+    mobilenet_v2)
+      echo "--cell sgd:method=sgd,bits=w4a4+w2a4"
+      echo "--cell dnq_w4a4:$noise,noise.w_bits=4,noise.a_bits=4,bits=w4a4"
+      echo "--cell dnq_w2a4:$noise,noise.w_bits=2,noise.a_bits=4,bits=w2a4"
+      ;;
+    *) echo "no table for model $1 (resnet20, mobilenet_v2)" >&2; return 2 ;;
+  esac
+}
+
+status=0
+for model in $MODELS; do
+  cells=$(cells_for "$model") || exit 2
+  config_file=configs/resnet.py
+  [ "$model" = mobilenet_v2 ] && config_file=configs/mobilenet.py
+  pairs="${preset:+$preset,}model.name=$model,data.name=cifar10_jpeg,runtime.progress=False"
+  pairs+="${EXTRA:+,$EXTRA}"
+  # shellcheck disable=SC2086  # $cells is a list of words
+  run_grid "cifar10_$model" "$WORKDIR_ROOT/cifar10_$model" --config "$config_file:$pairs" \
+    --seeds "$SEEDS" --ptq rtn,adaround,brecq,qdrop --ptq-iters "$PTQ_ITERS" $cells \
+    || status=$?
+done
+exit $status
