@@ -55,6 +55,23 @@ def test_the_run_keeps_its_state_at_the_noise_stage_start(smoke_run):
     )
 
 
+def test_a_torn_warm_up_save_is_set_aside_and_the_state_kept_once(tmp_path):
+    """A run killed while keeping its warm-up (just after that step's checkpoint) leaves an
+    Orbax tmp folder; the resumed run sets it aside and keeps the state once, as checkpoints/."""
+    torn = tmp_path / checkpoint.NOISE_START / "4.orbax-checkpoint-tmp-1700000000"
+    torn.mkdir(parents=True)
+    (torn / "junk").write_bytes(b"\0" * 8)
+    state = {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3), "step": np.int32(4)}
+    checkpoint.save_noise_start(tmp_path, 4, state)
+    checkpoint.save_noise_start(tmp_path, 4, {"w": state["w"] + 1, "step": np.int32(4)})
+    kept = sorted(p.name for p in (tmp_path / checkpoint.NOISE_START).iterdir())
+    assert kept == ["4", "4.incomplete"]
+    assert (tmp_path / checkpoint.NOISE_START / "4.incomplete" / "junk").exists()
+    start = fork.start_state(tmp_path)
+    assert start.name == "4"
+    np.testing.assert_array_equal(_restore(start / "default")["w"], state["w"])  # the first
+
+
 def test_a_grid_cell_begun_from_a_donor_warm_up_is_the_run_trained_alone(
     smoke_run, tmp_path, monkeypatch
 ):
