@@ -16,7 +16,8 @@
 #             longer stage let the model win back its FP32 accuracy under the noise?
 # Each model is PTQ-evaluated at FP32 and W2A4 with RTN and QDrop (200 iterations per block).
 #
-#   bash experiments/dnq_ablations.sh        (PYTHON=..., WORKDIR=..., CELLS="w_scale swa")
+#   bash experiments/dnq_ablations.sh        (PYTHON=..., WORKDIR=..., CELLS="w_scale swa",
+#                                             SEEDS=0,1,2 for more seeds than seed 0)
 #
 # It resumes like every grid: run the same command again to continue. Cells run in the order
 # above; CELLS picks a subset. Results are copied to experiments/results/dnq_ablations.{md,json,png}.
@@ -46,7 +47,7 @@ declare -A CELL=(
 # noise_early, whose noise starts elsewhere, trains its own.
 ORDER="w_scale lambda_half swa wqn aqn naive accumulate ramp_cosine ramp_exp calib16 calib1024"
 ORDER+=" bn_off noise_early"
-ARGS=(--config "$TABLE_CONFIG" --seeds 0 --ptq rtn,qdrop --ptq-iters 200)
+ARGS=(--config "$TABLE_CONFIG" --seeds "${SEEDS:-0}" --ptq rtn,qdrop --ptq-iters 200)
 for name in ${CELLS:-$ORDER}; do
   [ -n "${CELL[$name]:-}" ] || { echo "unknown cell $name; choose from: $ORDER" >&2; exit 2; }
   ARGS+=(--cell "$name:${CELL[$name]}")
