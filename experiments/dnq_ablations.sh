@@ -4,6 +4,8 @@
 # dnq with the noise modelled at W2A4:
 #   w_scale   the differential weight perturbation scaled by 1/sqrt(2), so its std equals
 #             the modelled quantization error's (a fix the method allows: noise.w_scale)
+#   w_scale_half  noise.w_scale=0.5: the perturbation's std sigma_w / sqrt(2), half the
+#             paper's (how far does shrinking the weight noise alone buy FP32 back?)
 #   lambda_half  the noise strength held at lambda = 0.5 after the ramp (noise.lambda_max)
 #   swa       SWA alone, no noise            wqn  weight noise only (no SWA)
 #   aqn       activation drop-in only (no SWA)
@@ -28,6 +30,7 @@ WORKDIR=${WORKDIR:-workdirs/dnq_ablations}
 W2A4="noise.w_bits=2,noise.a_bits=4,bits=w2a4"
 declare -A CELL=(
   [w_scale]="method=dnq,noise.w_scale=0.7071,$W2A4"
+  [w_scale_half]="method=dnq,noise.w_scale=0.5,$W2A4"
   [lambda_half]="method=dnq,noise.lambda_max=0.5,$W2A4"
   [swa]="method=swa,$W2A4"
   [wqn]="method=wqn,$W2A4"
@@ -46,7 +49,7 @@ declare -A CELL=(
 # bn_off) begin from it (dnq_jax/train/fork.py); wqn trains the warm-up without SWA for aqn;
 # noise_early, whose noise starts elsewhere, trains its own.
 ORDER="w_scale lambda_half swa wqn aqn naive accumulate ramp_cosine ramp_exp calib16 calib1024"
-ORDER+=" bn_off noise_early"
+ORDER+=" bn_off noise_early w_scale_half"
 ARGS=(--config "$TABLE_CONFIG" --seeds "${SEEDS:-0}" --ptq rtn,qdrop --ptq-iters 200)
 for name in ${CELLS:-$ORDER}; do
   [ -n "${CELL[$name]:-}" ] || { echo "unknown cell $name; choose from: $ORDER" >&2; exit 2; }
