@@ -156,7 +156,9 @@ def runs(tmp_path_factory):
         shutil.copytree(one, copy)
         return _evaluate(one, 1, 4), _evaluate(copy, 2, 2)
 
-    while not any(checkpoint.is_finalized(two / "checkpoints" / str(s)) for s in _steps(two)):
+    # Killed once the first checkpoint and the warm-up (kept just after it, at the noise
+    # stage's first step) are complete: a save torn by the kill is test_fork.py's case.
+    while fork.newest_checkpoint(two) is None or fork.start_state(two) is None:
         assert all(p.poll() is None for p in victim), [p.communicate() for p in victim]
         assert time.time() - t0 < 300, "no checkpoint within 300 s"
         if evals is None and one_train[0].poll() is not None:
@@ -229,12 +231,7 @@ def test_each_file_is_written_once(runs):
     # The warm-up kept once, at the noise stage's first step, complete.
     starts = [fork.start_state(wd) for wd in (one, two)]
     assert [s.name for s in starts] == ["2", "2"]
-    # The SIGKILL lands just after the step-2 checkpoint, which is when the warm-up is being
-    # kept: a save it tore is set aside as 2.incomplete at the restart (as in checkpoints/),
-    # and the complete one is written once, never twice.
-    kept = sorted(p.name for p in (two / "noise_start").iterdir())
-    assert kept in (["2"], ["2", "2.incomplete"]), kept
-    assert checkpoint.is_finalized(two / "noise_start" / "2")
+    assert len(list((two / "noise_start").iterdir())) == 1
     assert len(metrics.read(two)) == 3  # one row per epoch, not one per process
     assert checkpoint.is_finalized(two / "final")
     assert not [p for p in (two / "checkpoints").iterdir() if ocp.utils.is_tmp_checkpoint(p)]
