@@ -319,15 +319,3 @@ def test_map_kernels_maps_each_slice_of_a_stack_on_its_own():
     out = taps.map_kernels(v["params"], g.layers, fn)
     want = taps.map_kernels(pv["params"], pg.layers, fn)
     _close(lifted.apply({**v, "params": out}, x), plain.apply({**pv, "params": want}, x))
-
-
-def test_readme_scanned_stack_example(capsys):
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = re.search(r"^## Quantize any Flax model\s*$(.*?)(?=^## |\Z)", text, re.M | re.S)
-    blocks = re.findall(r"```python\n(.*?)```", section.group(1), re.S)
-    exec(compile(blocks[1], "README.md", "exec"), {"__name__": "readme_example"})
-    out = capsys.readouterr().out
-    assert "'stack/Dense_1[0]', 'stack/Dense_0[0]', 'stack/Dense_1[1]'" in out

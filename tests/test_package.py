@@ -124,14 +124,53 @@ def test_requirements_pin_what_pyproject_declares():
         assert str(pin.marker) == str(declared[name].marker), name
 
 
-def test_readme_config_reference_is_the_code_s():
-    readme = (ROOT / "README.md").read_text()
-    assert config.reference_table() in readme, "regenerate with config.reference_table()"
+def test_config_reference_page_is_the_code_s():
+    page = (ROOT / "docs" / "config.md").read_text()
+    assert config.reference_table() in page, (
+        "regenerate docs/config.md's table with config.reference_table()"
+    )
     assert {k for k, _, _ in config.KEYS} == set(config.flat(config.base_config()))
 
 
+def test_readme_is_a_front_door():
+    """README.md stays short and leads to every page of docs/."""
+    readme = (ROOT / "README.md").read_text()
+    n = len(readme.splitlines())
+    assert n <= 220, f"README.md has {n} lines (at most 220): move the detail to a docs/ page"
+    linked = set(re.findall(r"\]\((docs/[^)#\s]+\.md)(?:#[^)]*)?\)", readme))
+    pages = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")}
+    assert not pages - linked, f"docs pages not linked from README.md: {sorted(pages - linked)}"
+
+
+def _anchors(page: Path) -> set[str]:
+    """The heading anchors GitHub gives `page`'s headings (code blocks left out)."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+    titles = re.findall(r"^#{1,6} +(.+?) *$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", t.lower()).replace(" ", "-") for t in titles}
+
+
+def test_every_relative_link_resolves():
+    link = re.compile(r"\]\(([^)\s]+)\)")
+    broken = []
+    for page in [*ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md")]:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+        for target in link.findall(text):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s):, mailto:
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            where = f"{page.relative_to(ROOT)}: {target}"
+            if not dest.exists():
+                broken.append(f"{where} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{where} (no such heading)")
+    assert not broken, broken
+
+
 def test_every_file_cited_exists():
-    cited = re.compile(r"\b((?:docs|benchmarks|configs|tests|dnq_jax)/[\w/]+\.(?:md|py|sh))\b")
+    cited = re.compile(
+        r"\b((?:docs|benchmarks|configs|tests|dnq_jax|experiments)/[\w/]+\.(?:md|py|sh))\b"
+    )
     texts = [*ROOT.glob("*.md"), *ROOT.glob("*.py"), *(ROOT / "docs").glob("*.md")]
     for folder in ("dnq_jax", "tests", "configs", "benchmarks"):
         texts += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".md", ".sh")]
