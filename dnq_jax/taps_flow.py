@@ -208,3 +208,41 @@ def exclusive_consumers(jaxpr, marks: dict[str, str]) -> set[str]:
             if all(marks[scope] in _scopes(eqn) for eqn in eqns):
                 ok.add(scope)
     return ok
+
+
+# What jax.nn.relu / relu6 trace to: a custom_jvp_call around a jit of that name.
+_RELUS = frozenset({"relu", "relu6"})
+
+
+def _is_relu(eqn) -> bool:
+    name = eqn.primitive.name
+    if name == "max":  # jnp.maximum(x, 0) written out
+        return any(getattr(v, "val", None) is not None and float(v.val) == 0.0 for v in eqn.invars)
+    if name in ("jit", "pjit"):
+        return eqn.params.get("name") in _RELUS
+    if name == "custom_jvp_call":
+        inner = eqn.params["call_jaxpr"]
+        inner = getattr(inner, "jaxpr", inner)
+        return len(inner.eqns) == 1 and _is_relu(inner.eqns[0])
+    return False
+
+
+def relu_fed(jaxpr, marks: set[str]) -> set[str]:
+    """The input marks whose marked value is a ReLU (or ReLU6) output.
+
+    Each mark names the scope of an `optimization_barrier` traced on a layer's input; the
+    input counts as a ReLU output when the equation producing the barrier's operand in the
+    same jaxpr is a relu. An input that enters a lifted body from outside is not followed
+    across the boundary (it is reported as not a ReLU output).
+    """
+    found: set[str] = set()
+    for jx in _jaxprs(jaxpr):
+        producer = {id(v): eqn for eqn in jx.eqns for v in eqn.outvars}
+        for eqn in jx.eqns:
+            if eqn.primitive.name != "optimization_barrier":
+                continue
+            hit = [s for s in _scopes(eqn) if s in marks]
+            if hit and eqn.invars and id(eqn.invars[0]) in producer:
+                if _is_relu(producer[id(eqn.invars[0])]):
+                    found.add(hit[0])
+    return found

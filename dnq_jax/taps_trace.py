@@ -59,6 +59,8 @@ class Layer:
       stack_index: which slice of the stored kernel this site uses (() outside a stack).
       lifted: the Flax lifted transforms around the site, outermost first (e.g.
         ``('remat',)``); captured values of such a site come back through `collect`.
+      relu_input: whether the site's input is the output of a ReLU/ReLU6 (from the traced
+        data flow; an input entering a lifted body from outside counts as not).
     """
 
     name: str
@@ -72,6 +74,7 @@ class Layer:
     stack: tuple[int, ...] = ()
     stack_index: tuple[int, ...] = ()
     lifted: tuple[str, ...] = ()
+    relu_input: bool = False
 
     @property
     def out_channels(self) -> int:
@@ -195,6 +198,12 @@ def trace(model: nn.Module, variables: PyTree, *args: Any, **apply_kwargs: Any) 
             stored = taps_flow.stored_kernel_shape(params, module.path)
             stack = taps_flow.stack_of(module, kinds, stored, inner)
         x = a[0] if a else kw["inputs"]
+        in_mark = f"taps_in_{next(marks)}"
+        # Traced only: the barrier's operand is the value that produced the input, which
+        # `relu_fed` then checks.
+        with jax.named_scope(in_mark):
+            xb = jax.lax.optimization_barrier(x)
+        a, kw = ((xb, *a[1:]), kw) if a else (a, {**kw, "inputs": xb})
         out = next_fun(*a, **kw)
         mark = f"taps_out_{next(marks)}"
         # Traced only, never run: the barrier gives the layer output its own jaxpr variable,
@@ -214,6 +223,7 @@ def trace(model: nn.Module, variables: PyTree, *args: Any, **apply_kwargs: Any) 
                 stack=stack,
                 lifted=kinds,
                 mark=mark,
+                in_mark=in_mark,
                 owner=taps_flow.stack_owner(module) if stack else (),
             )
         )
@@ -239,6 +249,9 @@ def trace(model: nn.Module, variables: PyTree, *args: Any, **apply_kwargs: Any) 
     exclusive = taps_flow.exclusive_consumers(
         jaxpr.jaxpr, {src: scope for _, src, scope in bns if src is not None}
     )
+    relu = taps_flow.relu_fed(jaxpr.jaxpr, {r["in_mark"] for r in raw})
+    for r in raw:
+        r["relu_input"] = r["in_mark"] in relu
     layers, names_of = _unroll(raw)
     pairs = [(name, path) for path, src, _ in bns if src in exclusive for name in names_of[src]]
     calls: dict[tuple[str, ...], int] = {}
@@ -256,7 +269,7 @@ def _unroll(raw: list[dict]) -> tuple[list[Layer], dict[str, list[str]]]:
         group = list(group)
         for index in np.ndindex(*stack) if stack else [()]:
             for r in group:
-                fields = {k: v for k, v in r.items() if k not in ("mark", "owner")}
+                fields = {k: v for k, v in r.items() if k not in ("mark", "in_mark", "owner")}
                 name = r["name"] + _suffix(tuple(index))
                 names_of.setdefault(r["mark"], []).append(name)
                 fields.update(name=name, stack_index=tuple(int(i) for i in index))

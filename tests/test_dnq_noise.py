@@ -117,7 +117,7 @@ def test_previous_sample_is_regenerated_bit_exactly(setup):
     k_t, k_prev = noise.step_keys(key, t)
     for k, step_t in ((k_t, t), (k_prev, t - 1)):
         alone = jax.random.normal(noise.step_keys(key, step_t)[0], (total,), jnp.float32)
-        np.testing.assert_array_equal(noise._normals(k, graph), alone)
+        np.testing.assert_array_equal(noise._standard(k, graph, "gaussian"), alone)
     # The sample step t - 1 drew, regenerated at step t from its key alone: bit for bit.
     sample = noise.weight_sample(zeros, graph, stats, noise.step_keys(key, t - 1)[0], 1.0)
     for a, b in zip(_kernels(sample, graph), d_prev):

@@ -27,13 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dnq_jax import prng, taps
+from dnq_jax.choices import DISTS, MASKS, WEIGHT_MODES
 from dnq_jax.dnq.profiler import NoiseStats
 
 PyTree = Any
 Shape = tuple[int, ...]
-
-WEIGHT_MODES = ("differential", "naive", "accumulate")
-MASKS = ("uniform", "salience")
 
 
 def step_keys(noise_key: jax.Array, step) -> tuple[jax.Array, jax.Array]:
@@ -61,6 +59,7 @@ def weight_noise(
     lam,
     *,
     mode: str = "differential",
+    dist: str = "gaussian",
 ) -> PyTree:
     """The params the forward pass sees at this step: kernels perturbed, the rest untouched.
 
@@ -69,14 +68,16 @@ def weight_noise(
       differential: W + lam * (D(k_t) - D(k_prev)) = W + lam * sigma * (z(k_t) - z(k_prev));
       naive:        W + lam * D(k_t);
       accumulate:   params unchanged (the trainer adds `weight_sample` after the update).
-    The noise does not depend on params, so the gradient taken at the noisy point lands on
-    the latent weights unchanged.
+    `dist='uniform'` draws z uniform with mean 0 and variance 1 instead of N(0, 1), so D has
+    the same mean and variance but bounded support. The noise does not depend on params, so
+    the gradient taken at the noisy point lands on the latent weights unchanged.
 
     Raises:
       ValueError: on an unknown `mode` or stats that do not fit the graph.
     """
     if mode not in WEIGHT_MODES:
         raise ValueError(f"mode must be one of {WEIGHT_MODES}, got {mode!r}")
+    _check_dist(dist)
     _check_weight_stats(graph, stats)
     if mode == "accumulate":
         return params
@@ -86,8 +87,8 @@ def weight_noise(
     def normals() -> jax.Array:
         # mu cancels in D(k_t) - D(k_prev); z(k_prev) is bit for bit the draw step t - 1
         # made, so consecutive perturbations telescope.
-        z = _normals(key_t, graph)
-        return z - _normals(key_prev, graph) if mode == "differential" else z
+        z = _standard(key_t, graph, dist)
+        return z - _standard(key_prev, graph, dist) if mode == "differential" else z
 
     z = _unless_zero(lam, normals, (sum(math.prod(s) for s in shapes),))
     pieces = dict(zip(_kernel_names(graph), _cut(z, shapes)))
@@ -102,7 +103,9 @@ def weight_noise(
     return taps.map_kernels(params, graph.kernel_layers(), perturb)
 
 
-def kernel_samples(graph: taps.Graph, stats: NoiseStats, key: jax.Array) -> dict[str, jax.Array]:
+def kernel_samples(
+    graph: taps.Graph, stats: NoiseStats, key: jax.Array, dist: str = "gaussian"
+) -> dict[str, jax.Array]:
     """D(key) = mu + sigma * z(key): kernel site name -> float32 sample shaped like the kernel.
 
     What `weight_noise` adds (times lam) in `naive` mode at the step whose key is `key`.
@@ -110,8 +113,9 @@ def kernel_samples(graph: taps.Graph, stats: NoiseStats, key: jax.Array) -> dict
     Raises:
       ValueError: on stats that do not fit the graph.
     """
+    _check_dist(dist)
     _check_weight_stats(graph, stats)
-    pieces = _cut(_normals(key, graph), _kernel_shapes(graph))
+    pieces = _cut(_standard(key, graph, dist), _kernel_shapes(graph))
     return {
         name: jnp.asarray(stats.w_mu[name], jnp.float32)
         + jnp.asarray(stats.w_sigma[name], jnp.float32) * z
@@ -120,7 +124,12 @@ def kernel_samples(graph: taps.Graph, stats: NoiseStats, key: jax.Array) -> dict
 
 
 def weight_sample(
-    params: PyTree, graph: taps.Graph, stats: NoiseStats, key_t: jax.Array, lam
+    params: PyTree,
+    graph: taps.Graph,
+    stats: NoiseStats,
+    key_t: jax.Array,
+    lam,
+    dist: str = "gaussian",
 ) -> PyTree:
     """A params-shaped pytree holding lam * D(k_t) on each kernel and zeros elsewhere.
 
@@ -131,16 +140,27 @@ def weight_sample(
       ValueError: on stats that do not fit the graph.
     """
     lam = jnp.asarray(lam, jnp.float32)
-    samples = kernel_samples(graph, stats, key_t)
+    samples = kernel_samples(graph, stats, key_t, dist)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     sample = lambda layer, w: (lam * samples[layer.name]).astype(w.dtype)
     return taps.map_kernels(zeros, graph.kernel_layers(), sample)
 
 
-def _normals(key: jax.Array, graph: taps.Graph) -> jax.Array:
-    """z(key): one flat N(0, 1) draw over the elements of all kernels."""
+def _standard(key: jax.Array, graph: taps.Graph, dist: str) -> jax.Array:
+    """z(key): one flat draw of mean 0 and variance 1 over the elements of all kernels,
+    N(0, 1) or uniform on [-sqrt(3), sqrt(3)]."""
     total = sum(math.prod(s) for s in _kernel_shapes(graph))
+    if dist == "uniform":
+        return jax.random.uniform(key, (total,), jnp.float32, -_SQRT3, _SQRT3)
     return jax.random.normal(key, (total,), jnp.float32)
+
+
+_SQRT3 = math.sqrt(3.0)
+
+
+def _check_dist(dist: str) -> None:
+    if dist not in DISTS:
+        raise ValueError(f"dist must be one of {DISTS}, got {dist!r}")
 
 
 def _kernel_names(graph: taps.Graph) -> list[str]:
@@ -180,39 +200,48 @@ def activation_noise_fn(
     rho=0.5,
     mask: str = "uniform",
     tau=1.0,
+    dist: str = "gaussian",
+    sites: tuple[str, ...] | None = None,
 ) -> Callable[[str, jax.Array], jax.Array]:
     """fn(site name, x) -> the drop-in of x (`activation_dropin`'s law), for `taps.map_inputs`.
 
     The site uses its piece of `site_bits(key, graph, batch)` and stats.a_mu[name],
-    stats.a_sigma[name]. The bits are drawn here, once for all sites, so every input must be
-    a batch of `batch` examples, each shaped as when the graph was traced (trace with a
-    training-shaped batch).
+    stats.a_sigma[name]. `sites` (default: every site) limits the drop-in to those sites:
+    the others pass their input unchanged, and the draw covers only the chosen ones. The bits
+    are drawn here, once for all sites, so every input must be a batch of `batch` examples,
+    each shaped as when the graph was traced (trace with a training-shaped batch).
 
     Raises:
       ValueError: on bad rho/mask/tau/batch or stats without an entry per site; the returned
         fn raises it for a site name the graph does not know or an input of another shape.
     """
     _check_dropin_args(rho, mask, tau)
+    _check_dist(dist)
     _check_batch(batch)
-    missing = [n for n in graph.names if n not in stats.a_mu or n not in stats.a_sigma]
+    names = graph.names if sites is None else tuple(sites)
+    unknown = [n for n in names if n not in graph.names]
+    if unknown:
+        raise ValueError(f"sites: {unknown} are not in the graph {graph.names}")
+    missing = [n for n in names if n not in stats.a_mu or n not in stats.a_sigma]
     if missing:
         raise ValueError(f"stats.a_mu / a_sigma have no entry for sites {missing}")
-    shapes = _site_shapes(graph)
+    shapes = [tuple(graph[n].input_shape[1:]) for n in names]
+    total = sum(math.prod(s) for s in shapes)
+    bits = lambda: prng.flat_draw(jax.random.bits, key, (int(batch), total), dtype=jnp.uint32)
     if mask == "uniform":
         # The mask rate does not depend on x, so all sites' noise is one elementwise
         # computation over the whole draw, each site adding its piece.
-        mu = _spread([stats.a_mu[n] for n in graph.names], shapes)
-        sigma = _spread([stats.a_sigma[n] for n in graph.names], shapes)
-        draw = lambda: _dropin_noise(
-            _site_draw(key, graph, batch), lam, mu, sigma, jnp.float32(rho)
-        )
-        total = sum(math.prod(s) for s in shapes)
-        pieces = dict(zip(graph.names, _cut(_unless_zero(lam, draw, (batch, total)), shapes)))
+        mu = _spread([stats.a_mu[n] for n in names], shapes)
+        sigma = _spread([stats.a_sigma[n] for n in names], shapes)
+        draw = lambda: _dropin_noise(bits(), lam, mu, sigma, jnp.float32(rho), dist)
+        pieces = dict(zip(names, _cut(_unless_zero(lam, draw, (batch, total)), shapes)))
     else:
-        pieces = dict(zip(graph.names, _cut(_site_draw(key, graph, batch), shapes)))
+        pieces = dict(zip(names, _cut(bits(), shapes)))
 
     def fn(name: str, x: jax.Array) -> jax.Array:
         if name not in pieces:
+            if name in graph.names:  # a site left out by `sites`
+                return x
             raise ValueError(f"name: site {name!r} is not in the graph {graph.names}")
         if x.shape != pieces[name].shape:
             raise ValueError(
@@ -224,7 +253,7 @@ def activation_noise_fn(
         noise = pieces[name]
         if mask == "salience":
             p = _mask_probability(x, rho, mask, tau)
-            noise = _dropin_noise(noise, lam, stats.a_mu[name], stats.a_sigma[name], p)
+            noise = _dropin_noise(noise, lam, stats.a_mu[name], stats.a_sigma[name], p, dist)
         return x + noise.astype(x.dtype)
 
     return fn
@@ -240,8 +269,11 @@ def activation_dropin(
     rho=0.5,
     mask: str = "uniform",
     tau=1.0,
+    dist: str = "gaussian",
 ) -> jax.Array:
     """x + M * eps with M ~ Bernoulli(p) and eps ~ N(lam mu, (lam sigma)^2), elementwise.
+
+    `dist='uniform'`: eps uniform with that mean and variance instead.
 
     p is `rho` (`uniform`) or, for `salience`, p_c = clip(rho * C * softmax(mean|x|_c / tau),
     0, 1) per channel c of the last axis (no gradient flows through p). The result has x's
@@ -251,8 +283,9 @@ def activation_dropin(
       ValueError: on an unknown `mask`, rho outside [0, 1] or a non-positive tau.
     """
     _check_dropin_args(rho, mask, tau)
+    _check_dist(dist)
     bits = prng.flat_draw(jax.random.bits, key, x.shape, dtype=jnp.uint32)
-    eps = _dropin_noise(bits, lam, mu, sigma, _mask_probability(x, rho, mask, tau))
+    eps = _dropin_noise(bits, lam, mu, sigma, _mask_probability(x, rho, mask, tau), dist)
     # Drawn in float32 so bf16 inputs do not get a coarse uniform grid; only the finished
     # noise is cast.
     return x + eps.astype(x.dtype)
@@ -272,18 +305,22 @@ def site_bits(key: jax.Array, graph: taps.Graph, batch: int) -> dict[str, jax.Ar
     return dict(zip(graph.names, _cut(_site_draw(key, graph, batch), _site_shapes(graph))))
 
 
-def _dropin_noise(bits: jax.Array, lam, mu, sigma, p) -> jax.Array:
+def _dropin_noise(bits: jax.Array, lam, mu, sigma, p, dist: str = "gaussian") -> jax.Array:
     """M * eps (float32) from 32 random bits per element; see `activation_dropin`.
 
     One uniform per element serves both the mask and the Gaussian: u = (k + 1/2) 2^-23, k
     the top 23 bits, lies on the midpoint grid of [0, 1). M = (u < p); given M, v = u / p is
     uniform on [0, 1), so Phi^-1(v) = sqrt(2) erfinv(2v - 1) is N(0, 1) on the masked
-    elements. The clip only guards rounding at 1 and p = 0, so no NaN reaches a gradient.
+    elements (for `dist='uniform'`, sqrt(3) (2v - 1) is uniform with mean 0, variance 1).
+    The clip only guards rounding at 1 and p = 0, so no NaN reaches a gradient.
     """
     u = ((bits >> 9).astype(jnp.float32) + 0.5) * (2.0**-23)
     keep = u < p
     v = jnp.clip(u / jnp.maximum(p, 2.0**-23), 2.0**-24, 1.0 - 2.0**-24)
-    z = math.sqrt(2.0) * jax.lax.erf_inv(2.0 * v - 1.0)
+    if dist == "uniform":
+        z = _SQRT3 * (2.0 * v - 1.0)
+    else:
+        z = math.sqrt(2.0) * jax.lax.erf_inv(2.0 * v - 1.0)
     lam = jnp.asarray(lam, jnp.float32)
     eps = lam * (jnp.asarray(mu, jnp.float32) + jnp.asarray(sigma, jnp.float32) * z)
     return jnp.where(keep, eps, 0.0)

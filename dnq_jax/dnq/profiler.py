@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dnq_jax import quant, taps
+from dnq_jax.choices import ERROR_SIGNS, W_QUANTIZERS
 from dnq_jax.ptq.calibration import (
     ACTIVATION_CALIBRATORS,
     WEIGHT_CALIBRATORS,
@@ -83,12 +84,24 @@ def init_stats(graph: taps.Graph) -> NoiseStats:
     )
 
 
-def _weight_error_stats(kernel: jax.Array, bits: int, method: str) -> tuple[jax.Array, jax.Array]:
-    # The evaluation's weight quantizer itself (per output channel, asymmetric).
+def _weight_error_stats(
+    kernel: jax.Array, bits: int, method: str, kind: str, quantizer: str, sign: float
+) -> tuple[jax.Array, jax.Array]:
     w = kernel.astype(jnp.float32)
-    err = quantize_kernel(w, bits, method) - w
     axes = tuple(range(w.ndim - 1))
-    return jnp.mean(err, axis=axes), jnp.std(err, axis=axes)
+    if quantizer == "evaluation":
+        # The evaluation's weight quantizer itself (per output channel, asymmetric).
+        err = sign * (quantize_kernel(w, bits, method) - w)
+        return jnp.mean(err, axis=axes), jnp.std(err, axis=axes)
+    # The authors' profiler: symmetric, scale max|W| / (2^(b-1) - 1), per output channel for
+    # a conv and per tensor for a dense layer, whose error is summarised per tensor too.
+    per_channel = kind == "conv"
+    absmax = jnp.max(jnp.abs(w), axis=axes, keepdims=True) if per_channel else jnp.max(jnp.abs(w))
+    err = sign * (quant.fake_quant_symmetric(w, absmax, bits) - w)
+    if per_channel:
+        return jnp.mean(err, axis=axes), jnp.std(err, axis=axes)
+    ones = jnp.ones((w.shape[-1],), jnp.float32)
+    return jnp.mean(err) * ones, jnp.std(err) * ones
 
 
 def make_profiler(
@@ -101,8 +114,17 @@ def make_profiler(
     w_calibrator: str = "minmax",
     a_calibrator: str = "minmax",
     apply_kwargs: Mapping[str, Any] | None = None,
+    w_quantizer: str = "evaluation",
+    error_sign: str = "paper",
 ) -> Callable[[PyTree, jax.Array], NoiseStats]:
     """A function measuring the WQE/AQE statistics once: fn(variables, calib_images).
+
+    `w_quantizer='evaluation'` (the default) models the weight error of the evaluation's own
+    quantizer (asymmetric per output channel, the 8-bit ends at 8 bits); 'symmetric' that
+    of the authors' profiler: symmetric with scale max|W| / (2^(b-1) - 1), per output
+    channel for convs and per tensor for dense layers, every kernel at `w_bits`.
+    `error_sign='paper'` measures Q(x) - x, 'authors' x - Q(x) (weights and activations),
+    which flips the sign of the modelled means.
 
     The function is pure and jittable (wrap it in `jax.jit`); it returns one fresh
     measurement (count = 1), to be folded into the running statistics with `ema_update`.
@@ -112,7 +134,14 @@ def make_profiler(
     Raises:
       ValueError: on bad bit-widths or an unknown calibrator.
     """
+    if w_quantizer not in W_QUANTIZERS:
+        raise ValueError(f"w_quantizer must be one of {W_QUANTIZERS}, got {w_quantizer!r}")
+    if error_sign not in ERROR_SIGNS:
+        raise ValueError(f"error_sign must be one of {ERROR_SIGNS}, got {error_sign!r}")
+    sign = 1.0 if error_sign == "paper" else -1.0
     bits = layer_bits(graph, w_bits, a_bits, keep_ends_8bit)
+    if w_quantizer == "symmetric":  # the authors' profiler keeps no layer at 8 bits
+        bits = {name: (w_bits, ab) for name, (_, ab) in bits.items()}
     check_calibrator(w_calibrator, WEIGHT_CALIBRATORS, "w_calibrator")
     check_calibrator(a_calibrator, ACTIVATION_CALIBRATORS, "a_calibrator")
     apply_kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
@@ -123,7 +152,7 @@ def make_profiler(
         b = bits[name][1]
         xf = x.astype(jnp.float32)
         lo, hi = quant.calibrate(xf, b, method=a_calibrator)
-        err = quant.fake_quant_asymmetric(xf, lo, hi, b) - xf
+        err = sign * (quant.fake_quant_asymmetric(xf, lo, hi, b) - xf)
         return jnp.mean(err), jnp.std(err)
 
     def profile(variables: PyTree, calib_images: jax.Array) -> NoiseStats:
@@ -135,7 +164,14 @@ def make_profiler(
         # channel, which only changes how ties round.
         params = variables["params"]
         w_stats = {
-            k.name: _weight_error_stats(taps.get_kernel(params, k), bits[k.name][0], w_calibrator)
+            k.name: _weight_error_stats(
+                taps.get_kernel(params, k),
+                bits[k.name][0],
+                w_calibrator,
+                k.kind,
+                w_quantizer,
+                sign,
+            )
             for k in kernels
         }
         store: dict[str, tuple[jax.Array, jax.Array]] = {}

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-RAMPS = ("linear", "cosine", "exp")
+from dnq_jax.choices import RAMPS
 
 
 def _check_kind(kind: str) -> None:

@@ -26,12 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dnq_jax import quant, taps
+from dnq_jax.choices import ACTIVATION_CALIBRATORS, WEIGHT_CALIBRATORS
 
 PyTree = Any
 Ranges = dict[str, tuple[jax.Array, jax.Array]]
 
-WEIGHT_CALIBRATORS = ("minmax", "mse")
-ACTIVATION_CALIBRATORS = ("minmax", "percentile", "mse")
 END_BITS = 8
 
 

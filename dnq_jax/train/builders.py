@@ -95,6 +95,7 @@ def create_optimizer(c: ml_collections.ConfigDict, spe: int) -> optax.GradientTr
         swa_start_epoch=swa.start_epoch if swa.enabled else None,
         swa_lr=swa.lr,
         sam_rho=o.sam_rho if o.sam else None,
+        schedule=o.schedule,
     )
 
 

@@ -20,27 +20,27 @@ import json
 
 import ml_collections
 
+from dnq_jax.choices import (
+    ACT_SITES,
+    DISTS,
+    ERROR_SIGNS,
+    MASKS,
+    RAMPS,
+    SCHEDULES,
+    W_QUANTIZERS,
+    WEIGHT_NOISE,
+)
+from dnq_jax.choices import ACTIVATION_CALIBRATORS as CALIBRATORS
 from dnq_jax.errors import ConfigError
-
-# method -> (noise.weight, noise.act, swa.enabled, optim.sam): the ablations of docs/method.md.
-METHODS = {
-    "sgd": ("none", False, False, False),
-    "swa": ("none", False, True, False),
-    "wqn": ("differential", False, False, False),
-    "aqn": ("none", True, False, False),
-    "dnq": ("differential", True, True, False),
-    "naive": ("naive", True, True, False),
-    "accumulate": ("accumulate", True, True, False),
-    "sam": ("none", False, False, True),
-}
-WEIGHT_NOISE = ("none", "differential", "naive", "accumulate")
-MASKS = ("uniform", "salience")
-RAMPS = ("linear", "cosine", "exp")
-DTYPES = ("float32", "bfloat16")
-CALIBRATORS = ("minmax", "percentile", "mse")
-LOOPS = ("auto", "scan", "unroll")
-PRESETS = ("smoke", "fast")
-RESUME_FREE_GROUPS = ("eval", "runtime")
+from dnq_jax.train.config_keys import (
+    DTYPES,
+    KEYS,
+    LOOPS,
+    METHODS,
+    PRESETS,
+    RECIPES,
+    RESUME_FREE_GROUPS,
+)
 
 
 def ptq_methods() -> tuple[str, ...]:
@@ -48,92 +48,6 @@ def ptq_methods() -> tuple[str, ...]:
     from dnq_jax.ptq import methods  # the PTQ library, loaded only when a method is checked
 
     return methods.METHODS
-
-
-# (key, default, meaning): the README's config reference is generated from this table.
-KEYS: tuple[tuple[str, object, str], ...] = (
-    ("seed", 0, "root PRNG seed (init, data order, augmentation, noise)"),
-    (
-        "model.name",
-        "resnet20",
-        "zoo name: resnet8/20/32/56, resnet18/50, mobilenet_v1/v2, vgg16_bn",
-    ),
-    ("model.width", 1.0, "width multiplier (mobilenet_v2 only)"),
-    ("model.dtype", "float32", "compute dtype: float32 or bfloat16 (params stay float32)"),
-    (
-        "data.name",
-        "cifar10_jpeg",
-        "cifar10_jpeg, fashion_mnist, cifar10, cifar100, mnist, synthetic",
-    ),
-    ("data.limit_train", 0, "use a fixed sample of N training images (0 = all)"),
-    ("data.limit_test", 0, "use a fixed sample of N test images (0 = all)"),
-    ("optim.num_epochs", 400, "epochs"),
-    ("optim.steps_per_epoch", 0, "0 = num_train // batch_size"),
-    ("optim.batch_size", 64, "global batch (split over devices)"),
-    ("optim.learning_rate", 0.015, "peak learning rate of the cosine schedule"),
-    ("optim.warmup_epochs", 0, "linear learning-rate warm-up"),
-    ("optim.momentum", 0.9, "SGD momentum"),
-    ("optim.nesterov", True, "Nesterov momentum"),
-    ("optim.weight_decay", 1e-3, "coupled L2 on kernels"),
-    ("optim.label_smoothing", 0.1, "label smoothing of the cross-entropy"),
-    ("optim.sam", False, "SAM (optax.contrib.sam), the flat-minimum baseline (method=sam)"),
-    ("optim.sam_rho", 0.05, "SAM neighbourhood radius"),
-    ("noise.weight", "differential", "weight noise: none, differential, naive, accumulate"),
-    ("noise.act", True, "activation drop-in on every Conv/Dense input"),
-    ("noise.start_epoch", 200, "first epoch with noise (clean warm-up before)"),
-    ("noise.ramp_epochs", 80, "length of the lambda ramp"),
-    ("noise.ramp", "linear", "ramp shape: linear, cosine, exp"),
-    ("noise.lambda_max", 1.0, "noise scale at the end of the ramp"),
-    (
-        "noise.w_scale",
-        1.0,
-        "weight perturbation x this (0.7071: the differential form's variance equals the "
-        "modelled error's)",
-    ),
-    ("noise.rho", 0.5, "drop-in mask rate"),
-    ("noise.mask", "uniform", "drop-in mask: uniform or salience"),
-    ("noise.tau", 1.0, "salience softmax temperature"),
-    ("noise.ema_decay", 0.9, "EMA of the profiled error statistics"),
-    ("noise.w_bits", 2, "weight bit-width of the modelled quantizer"),
-    ("noise.a_bits", 4, "activation bit-width of the modelled quantizer"),
-    ("noise.n_calib", 0, "profiler calibration images (0: quant.n_calib)"),
-    (
-        "noise.calibrator",
-        "minmax",
-        "activation range calibrator of the modelled quantizer (match eval.calibrator)",
-    ),
-    ("quant.keep_ends_8bit", True, "first and last layer at 8 bits (profiler and evaluation)"),
-    ("quant.n_calib", 100, "calibration images (profiler and evaluation)"),
-    ("quant.calib_seed", 0, "seed of the calibration subset"),
-    ("swa.enabled", True, "stochastic weight averaging (from method)"),
-    ("swa.start_epoch", 300, "SWA averages the epochs from this one on"),
-    ("swa.lr", None, "constant learning rate from the SWA start (None: keep the cosine)"),
-    ("swa.bn_recalibration", True, "re-estimate BatchNorm statistics for the averaged weights"),
-    ("eval.every_epochs", 1, "FP32 test accuracy every N epochs"),
-    ("eval.batch_size", 500, "evaluation batch"),
-    ("eval.bits", "w8a8,w4a4,w2a4,w2a2", "PTQ bit-widths evaluated at the end"),
-    ("eval.calibrator", "minmax", "activation range calibrator: minmax, percentile, mse"),
-    ("eval.method", "rtn", "PTQ method of the final evaluation (dnq_jax.ptq)"),
-    ("eval.iters", 0, "reconstruction iterations of the PTQ method (0 = its default)"),
-    ("runtime.num_devices", 0, "devices in the data mesh (0 = all)"),
-    (
-        "runtime.chunk_steps",
-        0,
-        "steps per jitted call; 0 = a whole epoch when steps are scanned (runtime.loop), else 1",
-    ),
-    ("runtime.loop", "auto", "steps of a chunk: scan, unroll (straight-line), auto (scan off CPU)"),
-    ("runtime.ckpt_every_epochs", 10, "checkpoint cadence"),
-    ("runtime.keep_checkpoints", 2, "checkpoints kept"),
-    ("runtime.progress", True, "progress bar"),
-    (
-        "runtime.rollback_on_nan",
-        False,
-        "on a non-finite step: restore the last checkpoint, halve lambda",
-    ),
-    ("runtime.npz_path", "", "cifar10_jpeg file ('' = ../shared/data/ beside the repository)"),
-    ("runtime.data_dir", "", "decoded-data cache ('' = ./data_cache)"),
-    ("runtime.tfds_data_dir", "", "TFDS data_dir ('' = the TFDS default)"),
-)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -175,9 +89,13 @@ def build(arg: str | None = None, **defaults) -> ml_collections.ConfigDict:
 
 
 def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-    """Set the four ablation switches of `method` (sgd, swa, wqn, aqn, dnq, naive, ...)."""
+    """Set the four ablation switches of `method` (sgd, swa, wqn, aqn, dnq, naive, ...), or
+    every key of a recipe (`authors`)."""
+    if method in RECIPES:
+        return apply_pairs(c, [f"{k}={v}" for k, v in RECIPES[method].items()])
     if method not in METHODS:
-        raise ConfigError(f"method: unknown {method!r}; choose from {sorted(METHODS)}")
+        known = sorted([*METHODS, *RECIPES])
+        raise ConfigError(f"method: unknown {method!r}; choose from {known}")
     c.noise.weight, c.noise.act, c.swa.enabled, c.optim.sam = METHODS[method]
     return c
 
@@ -210,7 +128,11 @@ def uses_noise(c: ml_collections.ConfigDict) -> bool:
 
 
 def method_name(c: ml_collections.ConfigDict) -> str:
-    """The preset the switches match, or 'custom'."""
+    """The preset the config matches (a recipe's every key, else the switches), or 'custom'."""
+    values = flat(c)
+    for name, keys in RECIPES.items():
+        if all(values[k] == v for k, v in keys.items()):
+            return name
     switches = (c.noise.weight, bool(c.noise.act), bool(c.swa.enabled), bool(c.optim.sam))
     return next((m for m, s in METHODS.items() if s == switches), "custom")
 
@@ -258,6 +180,16 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _one_of(c, "noise.ramp", RAMPS)
     _one_of(c, "noise.mask", MASKS)
     _one_of(c, "noise.weight", WEIGHT_NOISE)
+    _one_of(c, "noise.dist", DISTS)
+    _one_of(c, "noise.act_sites", ACT_SITES)
+    _one_of(c, "noise.w_quantizer", W_QUANTIZERS)
+    _one_of(c, "noise.error_sign", ERROR_SIGNS)
+    _one_of(c, "optim.schedule", SCHEDULES)
+    _check(
+        o.schedule != "cosine_to_swa" or s.enabled,
+        "optim.schedule",
+        "cosine_to_swa runs the cosine to zero at swa.start_epoch: it needs SWA on",
+    )
     _one_of(c, "eval.calibrator", CALIBRATORS)
     _one_of(c, "noise.calibrator", CALIBRATORS)
     _one_of(c, "eval.method", ptq_methods())
@@ -429,7 +361,7 @@ def unknown_key_message(key: str, how: str) -> str:
 
 
 def reference_table() -> str:
-    """The README's config reference (a markdown table), generated from KEYS."""
+    """The config reference of docs/config.md (a markdown table), generated from KEYS."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     for key, default, meaning in KEYS:
         shown = "''" if default == "" else default

@@ -98,7 +98,7 @@ def train_and_evaluate(
     workdir_lib.write_config(wd, c)
 
     # --- Compiled functions and device-resident data.
-    settings = step_lib.StepSettings.from_config(c, ds.name)
+    settings = step_lib.StepSettings.from_config(c, ds.name, spe)
     mean, std = jnp.asarray(ds.mean), jnp.asarray(ds.std)
     dtype = builders.compute_dtype(c)
     train_step = step_lib.make_train_step(model, graph, tx, settings, mean, std, dtype)
@@ -116,6 +116,8 @@ def train_and_evaluate(
             a_bits=c.noise.a_bits,
             keep_ends_8bit=c.quant.keep_ends_8bit,
             a_calibrator=c.noise.calibrator,
+            w_quantizer=c.noise.w_quantizer,
+            error_sign=c.noise.error_sign,
         )
     )
     ema = jax.jit(lambda old, new: profiler.ema_update(old, new, c.noise.ema_decay))

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from dnq_jax import data, taps
+from dnq_jax.choices import SCHEDULES
 
 PyTree = Any
 
@@ -109,16 +110,26 @@ def make_optimizer(
     swa_start_epoch: int | None = None,
     swa_lr: float | None = None,
     sam_rho: float | None = None,
+    schedule: str = "cosine",
 ) -> optax.GradientTransformation:
     """SGD (Nesterov) with coupled weight decay and a cosine learning rate.
 
     With `swa_start_epoch` the chain ends in `swa(...)`; `swa_lr`, if set, holds the learning
     rate constant at that value from the SWA start (the usual SWA schedule); otherwise the
-    cosine schedule runs to the end. With `sam_rho` the optimizer is wrapped in
-    `optax.contrib.sam` (opaque mode: the trainer passes a `grad_fn`).
+    cosine schedule runs to the end. `schedule='cosine_to_swa'` (needs `swa_start_epoch`)
+    anneals the cosine to zero at the SWA start instead of at the end, then holds `swa_lr`
+    (0.01 x `learning_rate` when None): the authors' schedule. With `sam_rho` the optimizer
+    is wrapped in `optax.contrib.sam` (opaque mode: the trainer passes a `grad_fn`).
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "cosine_to_swa":
+        if swa_start_epoch is None:
+            raise ValueError("schedule='cosine_to_swa' needs swa_start_epoch")
+        total_steps = swa_start_epoch * steps_per_epoch
+        swa_lr = 0.01 * learning_rate if swa_lr is None else swa_lr
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
+    lr = optax.warmup_cosine_decay_schedule(
         0.0 if warmup_steps else learning_rate,
         learning_rate,
         warmup_steps,
@@ -126,11 +137,11 @@ def make_optimizer(
     )
     if swa_start_epoch is not None and swa_lr is not None:
         boundary = swa_start_epoch * steps_per_epoch
-        schedule = optax.join_schedules([schedule, optax.constant_schedule(swa_lr)], [boundary])
+        lr = optax.join_schedules([lr, optax.constant_schedule(swa_lr)], [boundary])
     parts = []
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay, mask=_decay_mask))
-    parts.append(optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov))
+    parts.append(optax.sgd(lr, momentum=momentum or None, nesterov=nesterov))
     tx = optax.chain(*parts)
     if sam_rho:
         adv = optax.chain(optax.contrib.normalize(), optax.sgd(sam_rho))

@@ -42,13 +42,19 @@ class StepSettings:
     rho: float = 0.5
     mask: str = "uniform"
     tau: float = 1.0
+    dist: str = "gaussian"  # law of the samples: gaussian | uniform (same mean, variance)
+    act_sites: str = "inputs"  # inputs (every Conv/Dense input) | relu (ReLU outputs only)
+    # The last step of each noise epoch applies its update to the perturbed weights, so
+    # that step's perturbation stays in the stored weights (the authors' in-place noise).
+    leftover: bool = False
+    steps_per_epoch: int = 0  # needed by `leftover` only
     label_smoothing: float = 0.0
     sam: bool = False
     pad: int = 0
     flip: bool = False
 
     @classmethod
-    def from_config(cls, c, dataset_name: str) -> StepSettings:
+    def from_config(cls, c, dataset_name: str, steps_per_epoch: int = 0) -> StepSettings:
         n = c.noise
         return cls(
             weight_noise=n.weight,
@@ -57,6 +63,10 @@ class StepSettings:
             rho=n.rho,
             mask=n.mask,
             tau=n.tau,
+            dist=n.dist,
+            act_sites=n.act_sites,
+            leftover=bool(n.leftover),
+            steps_per_epoch=int(steps_per_epoch),
             label_smoothing=c.optim.label_smoothing,
             sam=bool(c.optim.sam),
             **data.augment_config(dataset_name),
@@ -82,9 +92,19 @@ def make_train_step(
     """fn(state, images_u8, labels, idx_b, lam, noise_on) -> (state, metrics) for one step.
 
     `noise_on` is a Python bool (static): the warm-up compiles a step without any noise op.
+    With `s.leftover` the last step of each epoch updates the perturbed weights instead of
+    the latent ones (its perturbation stays in the stored weights, as in the authors' code,
+    which adds the noise to the weights in place and forgets the last draw at each epoch).
     A step whose loss, gradients or new state are not finite reports `finite=False`; its
     state is then to be discarded (the loop stops or rolls back to the last checkpoint).
     """
+
+    if s.leftover and s.steps_per_epoch < 1:
+        raise ValueError("leftover needs steps_per_epoch >= 1")
+    # None: every site; otherwise the sites whose input is a ReLU output.
+    sites = None
+    if s.act_sites == "relu":
+        sites = tuple(layer.name for layer in graph.layers if layer.relu_input)
 
     def step(state: TrainState, images_u8, labels, idx_b, lam, noise_on: bool):
         root, t = root_key(state), state.step
@@ -95,17 +115,30 @@ def make_train_step(
             x = data.augment(aug_key, x, pad=s.pad, flip=s.flip)
         x = data.normalize(x, mean, std, dtype)
         stats = state.noise_stats
+        perturbs = noise_on and s.weight_noise in ("differential", "naive")
+
+        def perturbed(p):
+            w_lam = lam * s.w_scale
+            return noise.weight_noise(
+                p, graph, stats, k_t, k_prev, w_lam, mode=s.weight_noise, dist=s.dist
+            )
 
         def loss_fn(params):
-            p = params
-            if noise_on and s.weight_noise in ("differential", "naive"):
-                w_lam = lam * s.w_scale
-                p = noise.weight_noise(p, graph, stats, k_t, k_prev, w_lam, mode=s.weight_noise)
+            p = perturbed(params) if perturbs else params
             ctx = contextlib.nullcontext()
-            if noise_on and s.act_noise:
+            if noise_on and s.act_noise and sites != ():
                 act_key = jax.random.fold_in(sub_key(root, KEY_ACT_NOISE), t)
                 fn = noise.activation_noise_fn(
-                    graph, stats, act_key, lam, batch=x.shape[0], rho=s.rho, mask=s.mask, tau=s.tau
+                    graph,
+                    stats,
+                    act_key,
+                    lam,
+                    batch=x.shape[0],
+                    rho=s.rho,
+                    mask=s.mask,
+                    tau=s.tau,
+                    dist=s.dist,
+                    sites=sites,
                 )
                 ctx = taps.map_inputs(fn)
             with ctx:
@@ -120,10 +153,16 @@ def make_train_step(
         extra = {}
         if s.sam:
             extra["grad_fn"] = lambda p, _: jax.grad(lambda q: loss_fn(q)[0])(p)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params, **extra)
-        new_params = optax.apply_updates(state.params, updates)
+        base = state.params
+        if perturbs and s.leftover:
+            last = (t + 1) % s.steps_per_epoch == 0
+            base = jax.tree_util.tree_map(
+                lambda a, b: jnp.where(last, a, b), perturbed(state.params), state.params
+            )
+        updates, new_opt = tx.update(grads, state.opt_state, base, **extra)
+        new_params = optax.apply_updates(base, updates)
         if noise_on and s.weight_noise == "accumulate":
-            sample = noise.weight_sample(new_params, graph, stats, k_t, lam * s.w_scale)
+            sample = noise.weight_sample(new_params, graph, stats, k_t, lam * s.w_scale, s.dist)
             new_params = jax.tree_util.tree_map(jnp.add, new_params, sample)
         # Over the gradients and everything the step writes, so whatever poisons them (SAM's
         # second gradient, the accumulate sample, an optimizer overflow) is seen.

@@ -1,0 +1,145 @@
+"""QDrop's top-1 against its iterations per block, for finished runs: where does it stop rising?
+
+A reconstruction run too short to repair a bad start punishes the sharper model twice (once by
+the rounding, once by the unfinished repair), so a comparison of training methods under QDrop
+is only fair at a count where every model has stopped rising. This script measures that curve.
+
+  python experiments/qdrop_iters.py --workdir workdirs/dnq_table_fair \
+      --cells sgd_s0,dnq_w2a4_s0 --bits w2a4,w4a4 --iters 200,500,1000,2000,5000
+
+Each (iterations, cell, bit-width) point is computed once and written to
+experiments/results/NAME.json as soon as it is measured (NAME: --name, default qdrop_iters),
+with NAME.md (a table) and NAME.png (the curves); run the same command again to continue an
+interrupted sweep. Points run count by count (every cell at 200 before any at 500), so an
+interrupted sweep still gives whole curves up to some count. Calibration, kept 8-bit ends and
+everything but the method and its iteration count are the run's own `eval`/`quant` settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dnq_jax.train import config as config_lib  # noqa: E402
+from dnq_jax.train import evaluate, workdir  # noqa: E402
+
+
+def _ints(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
+def _write(out: Path, results: dict) -> None:
+    workdir.write_results(out.with_suffix(".json"), results)
+    points = results["points"]
+    cells = list(dict.fromkeys(p["cell"] for p in points))
+    bits = list(dict.fromkeys(p["bits"] for p in points))
+    iters = sorted({p["iters"] for p in points})
+    lookup = {(p["cell"], p["bits"], p["iters"]): p for p in points}
+    head = "| cell | bits | " + " | ".join(str(i) for i in iters) + " |"
+    lines = [
+        f"# QDrop top-1 (%) against iterations per block ({results['method']})",
+        "",
+        head,
+        "|" + "---|" * (2 + len(iters)),
+    ]
+    for cell in cells:
+        for b in bits:
+            row = [lookup.get((cell, b, i)) for i in iters]
+            text = [f"{p['top1']:.2f}" if p else "" for p in row]
+            if any(text):
+                lines.append(f"| {cell} | {b.upper()} | " + " | ".join(text) + " |")
+    lines += ["", "Wall time of each point (s, this machine):", ""]
+    for p in points:
+        lines.append(f"- {p['cell']} {p['bits'].upper()} {p['iters']}: {p['time_s']:.0f}")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _plot(out.with_suffix(".png"), points, cells, bits)
+
+
+def _plot(path: Path, points: list[dict], cells: list[str], bits: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(bits), figsize=(5 * len(bits), 3.8), squeeze=False)
+    for ax, b in zip(axes[0], bits):
+        for cell in cells:
+            pts = sorted(
+                (p["iters"], p["top1"]) for p in points if p["cell"] == cell and p["bits"] == b
+            )
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=cell)
+        ax.set_xscale("log")
+        ax.set_xlabel("QDrop iterations per block")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(b.upper())
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", required=True, help="the grid's workdir (cells/ inside)")
+    p.add_argument("--cells", required=True, help="finished cells, comma-separated")
+    p.add_argument("--bits", default="w2a4,w4a4")
+    p.add_argument("--iters", default="200,500,1000,2000,5000")
+    p.add_argument("--method", default="qdrop", choices=["qdrop", "brecq", "adaround"])
+    p.add_argument("--name", default="qdrop_iters")
+    a = p.parse_args(argv)
+    out = ROOT / "experiments" / "results" / a.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_suffix(".json")
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results = {"method": a.method, "workdir": a.workdir, "points": [], **results}
+    done = {(q["cell"], q["bits"], q["iters"]) for q in results["points"]}
+    cells = [c.strip() for c in a.cells.split(",") if c.strip()]
+    for cell in cells:
+        if not (Path(a.workdir) / "cells" / cell / "results.json").exists():
+            print(f"qdrop_iters: cell {cell} has not finished training in {a.workdir}")
+            return 2
+    bits = config_lib.parse_bits(a.bits)
+    loaded, ds = {}, None
+    for iters in _ints(a.iters):
+        for cell in cells:
+            for wb, ab in bits:
+                name = config_lib.bits_name(wb, ab)
+                if (cell, name, iters) in done:
+                    continue
+                if cell not in loaded:
+                    loaded[cell] = evaluate.load_run(str(Path(a.workdir) / "cells" / cell), ds)
+                    ds = loaded[cell][3]
+                c, model, variables, ds = loaded[cell]
+                settings = evaluate.EvalSettings.from_config(
+                    c, bits=((wb, ab),), method=a.method, iters=iters
+                )
+                t0 = time.time()
+                r = evaluate.evaluate_variables(model, variables, ds, settings, progress=False)
+                point = {
+                    "cell": cell,
+                    "bits": name,
+                    "iters": iters,
+                    "top1": r[name],
+                    "fp32": r["fp32"],
+                    "time_s": round(time.time() - t0, 1),
+                }
+                results["points"].append(point)
+                _write(out, results)
+                print(
+                    f"qdrop_iters: {cell} {name} {iters} it.: {point['top1']:.2f} "
+                    f"({point['time_s']:.0f} s)",
+                    flush=True,
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
