@@ -30,9 +30,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from tqdm.auto import tqdm
 
-from dnq_jax import quant, taps
+from dnq_jax import progress, quant, taps
 from dnq_jax.ptq import block_problem, calibration, fold, rounding
 from dnq_jax.ptq import blocks as blocks_lib
 from dnq_jax.ptq.rtn import Calibrated, QuantizedModel
@@ -315,4 +314,4 @@ def _progress(settings: block_problem.Settings, block: blocks_lib.Block, index: 
     if not settings.progress:
         return None
     desc = f"{settings.method} {index + 1}/{total} {block.name}"
-    return tqdm(total=settings.iters, desc=desc, unit="it", leave=False)
+    return progress.bar(settings.iters, desc=desc, unit="it", leave=False)

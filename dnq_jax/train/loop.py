@@ -41,9 +41,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from tqdm.auto import tqdm
 
-from dnq_jax import data, taps
+from dnq_jax import data, progress, taps
 from dnq_jax.dnq import profiler, ramps
 from dnq_jax.errors import Diverged, Preempted
 from dnq_jax.train import builders, checkpoint, evaluate, metrics, optim
@@ -300,7 +299,9 @@ def _stopped(stop: _StopFlag, where: str, mngr: ocp.CheckpointManager) -> str:
 
 def _progress(total: int, initial: int, c: ml_collections.ConfigDict):
     enabled = c.runtime.progress and workdir_lib.is_primary()
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+    return progress.bar(
+        total, initial=initial, disable=not enabled, unit="step", desc="train", dynamic_ncols=True
+    )
 
 
 class _StopFlag:
