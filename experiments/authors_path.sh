@@ -2,7 +2,7 @@
 # From the paper's form to the authors' recipe at W2A4, one key at a time (seed 0), on the
 # table's budget (experiments/common.sh), in the workdir of experiments/fair_eval.sh, whose
 # dnq_w2a4_s0 cell is the first row and whose warm-up the SWA rows begin from
-# (dnq_jax/train/fork.py):
+# (dnq_jax/grid/fork.py):
 #   dnq_w2a4   the paper's form (differential, lambda 1, the evaluation's quantizer)
 #   naive      the form the authors' in-place code has in effect: W + lambda D_t
 #   lam08      + lambda_max 0.8 (the authors' default)

@@ -46,7 +46,7 @@ declare -A CELL=(
 )
 # The first cell with SWA this workdir trains (swa, where w_scale and lambda_half come from
 # the committed results) trains the seed's warm-up (epochs 0-7); the later ones (naive ...
-# bn_off) begin from it (dnq_jax/train/fork.py); wqn trains the warm-up without SWA for aqn;
+# bn_off) begin from it (dnq_jax/grid/fork.py); wqn trains the warm-up without SWA for aqn;
 # noise_early, whose noise starts elsewhere, trains its own.
 ORDER="w_scale lambda_half swa wqn aqn naive accumulate ramp_cosine ramp_exp calib16 calib1024"
 ORDER+=" bn_off noise_early w_scale_half"

@@ -7,11 +7,11 @@ For each workdir with final variables (the others are listed as skipped): the lo
 Hessian eigenvalue, the Hessian trace (mean +- s.e.) and a 1-D filter-normalised landscape of
 the training loss, all on the same training images with the same random vectors, and the
 per-layer weight/activation error statistics and output-error decomposition at each --bits
-(`dnq_jax.train.report`: `measure_flatness`, `measure_errors`, one `ReportSettings` for
-all runs). Writes OUT.md, OUT.json and OUT.png (the 1-D landscapes side by side), and prints
-the exact command, the wall time and the device. Rerunnable: a run whose final variables and
-settings are those already in OUT.json is not measured again, so adding runs as they finish
-costs only the new ones.
+(`dnq_jax.diagnostics.measure`: `measure_flatness`, `measure_errors`, one `MeasureSettings`
+for all runs, as a run's report measures). Writes OUT.md, OUT.json and OUT.png (the 1-D
+landscapes side by side), and prints the exact command, the wall time and the device.
+Rerunnable: a run whose final variables and settings are those already in OUT.json is not
+measured again, so adding runs as they finish costs only the new ones.
 """
 
 from __future__ import annotations
@@ -29,7 +29,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dnq_jax.diagnostics import Landscape, plots  # noqa: E402
-from dnq_jax.train import builders, report  # noqa: E402
+from dnq_jax.diagnostics.measure import (  # noqa: E402
+    MeasureSettings,
+    measure_errors,
+    measure_flatness,
+)
+from dnq_jax.report import collect_ptq  # noqa: E402
+from dnq_jax.train import builders  # noqa: E402
 from dnq_jax.train import config as config_lib  # noqa: E402
 from dnq_jax.train import evaluate as train_eval  # noqa: E402
 
@@ -54,7 +60,7 @@ def main(argv=None) -> int:
     device = f"{dev.platform} ({dev.device_kind}), jax {jax.__version__}"
     command = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])
     print(f"command: {command}\ndevice: {device}", flush=True)
-    settings = report.ReportSettings(
+    settings = MeasureSettings(
         bits=tuple(config_lib.parse_bits(args.bits)),
         images=args.images,
         error_images=args.error_images,
@@ -90,16 +96,16 @@ def main(argv=None) -> int:
         c, model, variables, ds = train_eval.load_run(wd, datasets[key])
         print(f"{wd}: {c.model.name} on {ds.name}, {config_lib.method_name(c)}", flush=True)
         ls = c.optim.label_smoothing if settings.label_smoothing is None else args.label_smoothing
-        fl = report.measure_flatness(model, variables, ds, settings, ls)
+        fl = measure_flatness(model, variables, ds, settings, ls)
         timings = dict(fl["timings"])
         errors = {}
         for wb, ab in settings.bits:
             name, t1 = train_eval.bits_name(wb, ab), time.time()
-            e = report.measure_errors(model, variables, ds, c, (wb, ab), settings)
+            e = measure_errors(model, variables, ds, c, (wb, ab), settings)
             errors[name] = _error_summary(e["numbers"])
             timings[f"errors {name}"] = round(time.time() - t1, 2)
         noisy = c.noise.weight != "none" or bool(c.noise.act)
-        rtn = next((r for r in report.collect_ptq(wd) if r["method"] == "rtn"), None)
+        rtn = next((r for r in collect_ptq(wd) if r["method"] == "rtn"), None)
         runs[wd] = {
             "name": Path(wd).name,
             "method": config_lib.method_name(c),
@@ -132,7 +138,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _previous(path: Path, settings: report.ReportSettings) -> dict:
+def _previous(path: Path, settings: MeasureSettings) -> dict:
     """The runs of an earlier OUT.json measured with the same settings."""
     try:
         doc = json.loads(path.read_text())

@@ -403,21 +403,21 @@ def test_bad_input_is_one_paragraph_and_leaves_the_workdir(cli_errors, case):
 
 
 def test_an_error_passed_between_processes_keeps_its_kind_and_message():
-    """What `workdir.agreed` sends another process (tests/test_multihost.py runs it for
+    """What `hosts.agreed` sends another process (tests/test_multihost.py runs it for
     real): an expected error arrives as its own kind, so the exit status is the same
     everywhere; a bug as a RuntimeError naming it; a long message cut, not garbled."""
     from dnq_jax.errors import EXIT_CODES, exit_code
-    from dnq_jax.train import workdir
+    from dnq_jax.train import hosts
 
-    assert not workdir._encode(None).any()
+    assert not hosts._encode(None).any()
     for sent in [PermissionError("workdir w is not writable"), ConfigError("seed: x")]:
-        got = workdir._decode(workdir._encode(sent), 0)
+        got = hosts._decode(hosts._encode(sent), 0)
         assert type(got) is type(sent) and exit_code(got) == EXIT_CODES[type(sent)]
         assert str(got) == f"{sent} (on process 0)"
-    bug = workdir._decode(workdir._encode(KeyError("k")), 1)
+    bug = hosts._decode(hosts._encode(KeyError("k")), 1)
     assert type(bug) is RuntimeError and str(bug) == "KeyError: 'k' (on process 1)"
-    long = workdir._decode(workdir._encode(ConfigError("é" * 5000)), 0)
-    assert str(long) == "é" * (workdir._MESSAGE_BYTES // 2) + " (on process 0)"
+    long = hosts._decode(hosts._encode(ConfigError("é" * 5000)), 0)
+    assert str(long) == "é" * (hosts._MESSAGE_BYTES // 2) + " (on process 0)"
 
 
 def test_evaluate_cli_on_a_finished_run(reference, tmp_path):

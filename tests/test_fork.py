@@ -10,7 +10,10 @@ import pytest
 from conftest import SMOKE_RUN
 
 from configs import resnet
-from dnq_jax.train import checkpoint, fork, grid, loop, metrics
+from dnq_jax import grid
+from dnq_jax.grid import fork
+from dnq_jax.grid import run as grid_run
+from dnq_jax.train import checkpoint, loop, metrics
 
 # The session's smoke run (conftest.py): 5 epochs of 4 steps, noise from epoch 1 (step 4).
 RUN = "smoke," + SMOKE_RUN
@@ -146,7 +149,7 @@ def test_the_grid_command_shares_warm_ups_unless_told_not_to(tmp_path, monkeypat
         seen.update(kwargs)
         (tmp_path / "grid.md").write_text("# the report\n")
 
-    monkeypatch.setattr(grid, "run_grid", run_grid)
+    monkeypatch.setattr(grid_run, "run_grid", run_grid)
     argv = ["--config", "configs/resnet.py:smoke", "--methods", "dnq", "--workdir", str(tmp_path)]
     assert grid.main(argv + flag) == 0
     assert seen["share_warmup"] is shared

@@ -1,9 +1,7 @@
 """The experiment grid: a cell is its run alone, a killed grid resumes, mean ± std over seeds."""
 
-import importlib.util
 import json
 import tarfile
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -12,20 +10,16 @@ import pytest
 from conftest import SMOKE_RUN
 
 from configs import resnet
+from dnq_jax import grid
 from dnq_jax.errors import ConfigError
-from dnq_jax.train import checkpoint, fork, grid, grid_report, loop, metrics
+from dnq_jax.grid import fork, park
+from dnq_jax.grid import report as grid_report
+from dnq_jax.train import checkpoint, loop, metrics
 
 # The session's smoke run (conftest.py): 5 epochs of 4 steps, noise from epoch 1, SWA from
 # epoch 2, a checkpoint per epoch. Its steps are in the test cache, and cell dnq_s0 (smoke's
 # method and seed) is that very run, trained alone.
 RUN = "smoke," + SMOKE_RUN
-
-
-_spec = importlib.util.spec_from_file_location(
-    "park", Path(__file__).resolve().parent.parent / "experiments" / "park.py"
-)
-park = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(park)
 
 
 def _final(workdir):
@@ -60,8 +54,9 @@ def killed_grid(tmp_path_factory):
     first = wd / "cells" / "dnq_s0"
     times = {f: (first / f).stat().st_mtime_ns for f in ("results.json", "ptq_rtn.json")}
     partial = json.loads((wd / "grid.json").read_text())
-    # The sitting's end: experiments/park.py packs the unfinished cell for the next clone (and
-    # the finished one's warm-up, which no unfinished cell of seed 0 carries).
+    # The sitting's end: park.save (`experiments/park.py save`) packs the unfinished cell for
+    # the next clone (and the finished one's warm-up, which no unfinished cell of seed 0
+    # carries).
     assert park.save(wd, wd.parent / "parked") == ["dnq_s1"]
     assert sorted(p.name for p in (wd.parent / "parked").iterdir()) == [
         "dnq_s0.tar.gz",

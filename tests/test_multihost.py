@@ -32,7 +32,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from dnq_jax.errors import EXIT_CODES, ConfigError
-from dnq_jax.train import checkpoint, fork, metrics
+from dnq_jax.grid import fork
+from dnq_jax.train import checkpoint, metrics
 
 # Subprocess training on two cores: run by `make test-multiprocess` (and CI), not by the
 # quick `make test`.

@@ -1,4 +1,5 @@
-"""experiments/park.py on hand-made cell folders: what is packed, and what comes back."""
+"""Parking a grid's cells (`dnq_jax/grid/park.py`, the command line experiments/park.py) on
+hand-made cell folders: what is packed, and what comes back."""
 
 import importlib.util
 import json
@@ -6,12 +7,9 @@ import tarfile
 from pathlib import Path
 
 from configs import resnet
+from dnq_jax.grid import park
 
-_spec = importlib.util.spec_from_file_location(
-    "park", Path(__file__).resolve().parent.parent / "experiments" / "park.py"
-)
-park = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(park)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cell(wd: Path, name: str, files: dict[str, str]) -> Path:
@@ -57,3 +55,16 @@ def test_without_a_grid_report_results_json_marks_a_finished_cell(tmp_path):
     parked.mkdir()
     (parked / "a_s0.tar.gz").write_bytes(b"an older parked copy")
     assert park.save(wd, parked) == [] and not list(parked.iterdir())
+
+
+def test_the_script_parks_under_experiments_parked(tmp_path):
+    """experiments/park.py: the package's save and restore, with experiments/parked/NAME/."""
+    spec = importlib.util.spec_from_file_location("park_script", ROOT / "experiments" / "park.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert (script.save, script.restore) == (park.save, park.restore)
+    assert script.main(["restore", str(tmp_path / "grid"), "no_such_experiment"]) == 0
+    assert (
+        not (tmp_path / "grid").exists()
+        and not (ROOT / "experiments/parked/no_such_experiment").exists()
+    )

@@ -1,4 +1,4 @@
-"""The run report (`evaluate.py --report`, `dnq_jax.train.report`) on the session's smoke run
+"""The run report (`evaluate.py --report`, `dnq_jax.report`) on the session's smoke run
 with tiny sizes: the files it writes, its numbers checked against direct computations, the
 PTQ rows it collects, and its refusal of an unfinished run."""
 
@@ -18,10 +18,10 @@ import optax
 import pytest
 
 from configs import resnet
-from dnq_jax import data
+from dnq_jax import data, report
 from dnq_jax import diagnostics as dg
 from dnq_jax.errors import ConfigError
-from dnq_jax.train import evaluate, report
+from dnq_jax.train import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = dict(

@@ -8,6 +8,9 @@
 - Flatness of the minimum on a fixed data set (`make_loss_fn`): the Hessian's top eigenvalue
   (`top_hessian_eigenvalue`) and trace (`hessian_trace`), and loss landscapes along
   filter-normalised directions (`loss_landscape_1d`, `loss_landscape_2d`).
+- A finished model measured alike across runs (`measure.py`: `measure_errors`,
+  `measure_flatness`, on the training images of `training_subset`, with one
+  `MeasureSettings`), as a run's report and experiments/flatness.py use them.
 - PNG plots of all of these and of results and training curves (`plots`).
 
     setup = error_setup(model, variables, calib_images, w_bits=2, a_bits=4)
@@ -43,6 +46,12 @@ from dnq_jax.diagnostics.layer_errors import (
     weight_errors,
 )
 from dnq_jax.diagnostics.loss import ChunkedLoss, as_chunked, make_loss_fn
+from dnq_jax.diagnostics.measure import (
+    MeasureSettings,
+    measure_errors,
+    measure_flatness,
+    training_subset,
+)
 
 __all__ = [
     "DECOMPOSITION_TERMS",
@@ -51,6 +60,7 @@ __all__ = [
     "ErrorSetup",
     "ErrorStats",
     "Landscape",
+    "MeasureSettings",
     "TraceResult",
     "activation_error_stats",
     "as_chunked",
@@ -63,10 +73,13 @@ __all__ = [
     "loss_landscape_1d",
     "loss_landscape_2d",
     "make_loss_fn",
+    "measure_errors",
+    "measure_flatness",
     "output_error_decomposition",
     "plots",
     "random_tree",
     "top_hessian_eigenvalue",
+    "training_subset",
     "tree_vdot",
     "weight_error_stats",
     "weight_errors",

@@ -226,7 +226,7 @@ def setting_bars(summary: Sequence[Mapping], path: str | os.PathLike, title: str
     one bar per setting at its mean top-1 with the sample std over seeds as an error bar.
 
     `summary`: rows with keys setting, ptq, precision, mean, std (None: one seed), n, as
-    `dnq_jax.train.grid_report.summarize` returns them.
+    `dnq_jax.grid.report.summarize` returns them.
     """
     plt = _pyplot()
     settings = list(dict.fromkeys(r["setting"] for r in summary))

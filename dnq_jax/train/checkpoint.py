@@ -3,7 +3,8 @@
 Under a workdir (see `workdir.py` for the rest of it):
   checkpoints/<step>/  train states (Orbax CheckpointManager, the newest `keep` kept)
   noise_start/<step>/  the train state at the first step of epoch noise.start_epoch: what
-                       every run of the same settings but its noise keys shares (`fork.py`)
+                       every run of the same settings but its noise keys shares
+                       (a grid begins such runs from it: `dnq_jax/grid/fork.py`)
   final/               the variables the run ends with (SWA-averaged, BN re-estimated)
 
 Resume order: the newest complete checkpoint under checkpoints/, restored into the shape and
@@ -18,7 +19,7 @@ is moved aside to `<step>.unreadable` when an older one restores instead.
 
 Several processes (`jax.distributed`): every process calls the save and restore functions
 (Orbax coordinates their writes); the moving aside is done by process 0 alone, and the checks
-of the final variables by every process, each inside a `workdir.agreed` block, so an error
+of the final variables by every process, each inside a `hosts.agreed` block, so an error
 there stops every process with the same error. Orbax's own restore ends in a barrier: a
 checkpoint that one process cannot read while the others can (files that differ between
 hosts) still leaves the others waiting there; on a shared file system all read the same files.
@@ -36,7 +37,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from dnq_jax.errors import CheckpointError
-from dnq_jax.train import workdir as workdir_lib
+from dnq_jax.train import hosts
 
 PyTree = Any
 
@@ -92,8 +93,8 @@ def manager(
 ) -> ocp.CheckpointManager:
     """The run's CheckpointManager over workdir/<folder>, after setting torn saves aside."""
     directory = Path(workdir).absolute() / folder
-    with workdir_lib.agreed():
-        if workdir_lib.is_primary():
+    with hosts.agreed():
+        if hosts.is_primary():
             moved = set_aside_incomplete(directory)
             if moved:
                 listed = ", ".join(f"{a} -> {b}" for a, b in moved)
@@ -191,8 +192,8 @@ def restore_latest(mngr: ocp.CheckpointManager, like: PyTree) -> PyTree | None:
             failures.append((step, f"{type(e).__name__}: {str(e)[:200]}"))
             continue
         if failures:
-            with workdir_lib.agreed():
-                if workdir_lib.is_primary():
+            with hosts.agreed():
+                if hosts.is_primary():
                     for bad, why in failures:
                         aside = set_aside(directory / str(bad), "unreadable")
                         print(f"dnq_jax: checkpoint {bad} unreadable ({why}); moved to {aside}")
@@ -213,8 +214,8 @@ def save_final(workdir: str | os.PathLike, variables: PyTree) -> None:
     Every process calls it (Orbax writes once); what a run killed mid-save left is moved aside.
     """
     path = Path(workdir).absolute() / "final"
-    with workdir_lib.agreed():
-        if workdir_lib.is_primary():
+    with hosts.agreed():
+        if hosts.is_primary():
             for leftover in _final_leftovers(path):
                 aside = set_aside(leftover, "incomplete")
                 print(f"dnq_jax: unfinished final save moved aside to {aside}", flush=True)
@@ -236,7 +237,7 @@ def load_final(workdir: str | os.PathLike, like: PyTree) -> PyTree:
     """The final variables of a run, restored into the structure of `like` (arrays or
     `jax.ShapeDtypeStruct`s)."""
     path = Path(workdir).absolute() / "final"
-    with workdir_lib.agreed():  # every process checks; any refusal stops all before Orbax
+    with hosts.agreed():  # every process checks; any refusal stops all before Orbax
         _check_final(path, workdir, like)
     try:
         return ocp.StandardCheckpointer().restore(path, _abstract(like))

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dnq_jax.train import workdir as workdir_lib
+from dnq_jax.train import hosts
 
 
 def _plain(v: Any) -> Any:
@@ -24,22 +24,22 @@ class MetricWriter:
 
     Each line is flushed and fsynced, so a killed run keeps every line it wrote.
     TensorBoard output needs tensorboardX; without it only the JSON lines are written.
-    With several processes only process 0 writes, inside `workdir.agreed` blocks: every
+    With several processes only process 0 writes, inside `hosts.agreed` blocks: every
     process calls, and a failed write stops them all.
     """
 
     def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True) -> None:
         self.path = Path(workdir) / "metrics.jsonl"
         self._tb = None
-        self.enabled = workdir_lib.is_primary()
-        with workdir_lib.agreed():
+        self.enabled = hosts.is_primary()
+        with hosts.agreed():
             if self.enabled:
                 _end_torn_line(self.path)
                 if tensorboard:
                     self._tb = _tensorboard(workdir)
 
     def write(self, step: int, scalars: dict[str, Any]) -> None:
-        with workdir_lib.agreed():
+        with hosts.agreed():
             if self.enabled:
                 self._write(step, scalars)
 

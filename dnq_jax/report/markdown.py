@@ -1,4 +1,4 @@
-"""report.md from the numbers `report.py` collects (report.json's dict); no JAX, pure text."""
+"""report.md from the numbers `write.py` collects (report.json's dict); no JAX, pure text."""
 
 from __future__ import annotations
 

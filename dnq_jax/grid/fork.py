@@ -14,7 +14,9 @@ Which keys may differ (`prefix_conflicts`): those of the groups a run may change
 `swa.bn_recalibration` (read after the last epoch); everything else, the method's SWA and SAM
 switches and the seed included, must be equal. A method without
 noise (sgd, swa) has a warm-up like any other, so a `swa` run and a `dnq` run (both with SWA,
-the same seed) share theirs. Written for one process (the grid's), on process 0.
+the same seed) share theirs. Written for one process (the grid's), on process 0. The trainer
+knows nothing of this: it only keeps `noise_start/`; the grid (`run.py`) and
+`dnq_jax/grid/park.py` use what is here.
 """
 
 from __future__ import annotations

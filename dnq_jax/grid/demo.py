@@ -1,6 +1,6 @@
 """The demo: plain SGD vs DNQ on Fashion-MNIST, same budget, then RTN and QDrop PTQ.
 
-  python -m dnq_jax.train.demo --workdir demo_out   (what `make demo` runs; also `dnq-demo`)
+  python -m dnq_jax.grid.demo --workdir demo_out   (what `make demo` runs; also `dnq-demo`)
 
 Trains a small CIFAR-style ResNet for the same short budget plainly (SGD) and with DNQ
 (differential weight noise, activation drop-in, SWA), the noise modelled at W2A4; with
@@ -8,11 +8,10 @@ Trains a small CIFAR-style ResNet for the same short budget plainly (SGD) and wi
 run, which takes the demo past 8 minutes on 2 CPU cores). Each model is evaluated at FP32
 and, with round-to-nearest and with QDrop (`--qdrop-iters` iterations per block, far fewer
 than the papers' 20,000), at W4A4 and W2A4; a DNQ model evaluated at a precision its noise was
-not modelled at is marked off target. It is a grid (`dnq_jax.train.grid`) of one cell per
-model, so it resumes and writes grid.md; it prints one table
-and writes table.txt, results.json, accuracy_vs_bits.png (RTN) and training_curves.png under
-the workdir. The numbers are whatever the run measures; with so short a budget they vary with
-the seed.
+not modelled at is marked off target. It is a grid (`dnq_jax.grid`) of one cell per model, so
+it resumes and writes grid.md; it prints one table and writes table.txt, results.json,
+accuracy_vs_bits.png (RTN) and training_curves.png under the workdir. The numbers are whatever
+the run measures; with so short a budget they vary with the seed.
 """
 
 from __future__ import annotations
@@ -26,8 +25,10 @@ from pathlib import Path
 import jax
 
 from dnq_jax.diagnostics import plots
+from dnq_jax.grid.cells import Cell
+from dnq_jax.grid.run import enable_compile_cache, run_grid
 from dnq_jax.train import config as config_lib
-from dnq_jax.train import grid, metrics
+from dnq_jax.train import metrics
 
 BITS = ("w4a4", "w2a4")
 PTQ = ("rtn", "qdrop")
@@ -59,7 +60,7 @@ def demo_config(method: str, epochs: int = 10, noise_bits: tuple[int, int] = (2,
     return c
 
 
-def demo_cells(epochs: int, targets: tuple[str, ...]) -> list[grid.Cell]:
+def demo_cells(epochs: int, targets: tuple[str, ...]) -> list[Cell]:
     """SGD evaluated at every precision of BITS; one DNQ model per target, evaluated at its
     target and at each precision of BITS no DNQ model is trained for (off-target)."""
     cells = [_cell("sgd", demo_config("sgd", epochs), BITS)]
@@ -70,10 +71,10 @@ def demo_cells(epochs: int, targets: tuple[str, ...]) -> list[grid.Cell]:
     return cells
 
 
-def _cell(name: str, c, bits: tuple[str, ...]) -> grid.Cell:
+def _cell(name: str, c, bits: tuple[str, ...]) -> Cell:
     parsed = tuple(config_lib.parse_bits(",".join(b for b in BITS if b in bits)))
     c.eval.bits = ",".join(b for b in BITS if b in bits)
-    return grid.Cell(name, 0, c, parsed, f"method={config_lib.method_name(c)}")
+    return Cell(name, 0, c, parsed, f"method={config_lib.method_name(c)}")
 
 
 def format_table(records: dict[str, dict], epochs: int, iters: int) -> str:
@@ -114,6 +115,7 @@ def format_table(records: dict[str, dict], epochs: int, iters: int) -> str:
 
 
 def main(argv=None) -> int:
+    """Train, evaluate and tabulate the demo's models (the flags: `--help`); returns 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="demo_out")
     parser.add_argument("--epochs", type=int, default=10)
@@ -129,14 +131,14 @@ def main(argv=None) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     t0 = time.time()
-    grid.enable_compile_cache(out / ".jax_cache")  # DNQ models of several targets share one step
+    enable_compile_cache(out / ".jax_cache")  # DNQ models of several targets share one step
     print(f"dnq_jax demo on {jax.devices()[0].device_kind} ({jax.default_backend()})")
     targets = tuple(t.strip().lower() for t in args.dnq_targets.split(",") if t.strip())
     if not targets or any(t not in BITS for t in targets):
         parser.error(f"--dnq-targets: choose from {', '.join(BITS)}")
     cells = demo_cells(args.epochs, targets)
     header = [f"# The demo: SGD vs DNQ, {args.epochs} epochs, QDrop {args.qdrop_iters} iterations"]
-    doc = grid.run_grid(cells, out, PTQ, args.qdrop_iters, header)
+    doc = run_grid(cells, out, PTQ, args.qdrop_iters, header)
     records = {r["name"].rsplit("_s", 1)[0]: r for r in doc["cells"]}
     table = format_table(records, args.epochs, args.qdrop_iters)
     print(table)
