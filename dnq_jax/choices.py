@@ -27,6 +27,8 @@ ERROR_SIGNS = ("paper", "authors")
 # Learning-rate schedules: cosine over the whole run (swa.lr optional), or cosine to zero at
 # the SWA start and then a constant swa.lr (the authors' code).
 SCHEDULES = ("cosine", "cosine_to_swa")
+# How repeated steps run: a rolled scan, straight-line code, or by backend (`backend.scans`).
+LOOPS = ("auto", "scan", "unroll")
 # Range calibrators of the quantizers.
 WEIGHT_CALIBRATORS = ("minmax", "mse")
 ACTIVATION_CALIBRATORS = ("minmax", "percentile", "mse")

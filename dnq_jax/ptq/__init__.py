@@ -3,6 +3,7 @@
 qm = dnq_jax.ptq.quantize(model, variables, calib_images, w_bits=4, a_bits=4)
 qm = dnq_jax.ptq.quantize(model, variables, calib_images, w_bits=2, a_bits=4, method="qdrop")
 acc = dnq_jax.ptq.accuracy(qm, images, labels)
+dnq_jax.ptq.export(qm, "w4a4.onnx", format="onnx")    # docs/deploy.md
 """
 
 from dnq_jax.ptq.block_problem import Settings
@@ -13,6 +14,7 @@ from dnq_jax.ptq.calibration import (
     quantize_kernel,
     quantize_weights,
 )
+from dnq_jax.ptq.export import export
 from dnq_jax.ptq.fold import apply_folded, fold_batchnorm, foldable_pairs, folded
 from dnq_jax.ptq.methods import METHODS, quantize
 from dnq_jax.ptq.rtn import (
@@ -30,6 +32,7 @@ __all__ = [
     "Calibrated",
     "Settings",
     "calibrate_model",
+    "export",
     "find_blocks",
     "QuantizedModel",
     "accuracy",

@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dnq_jax import progress, quant, taps
+from dnq_jax import backend, progress, quant, taps
 from dnq_jax.ptq import block_problem, calibration, fold, rounding
 from dnq_jax.ptq import blocks as blocks_lib
 from dnq_jax.ptq.rtn import Calibrated, QuantizedModel
@@ -131,7 +131,7 @@ def _train_block(
     s = problem.s
     n = int(jax.tree.leaves(data["target"])[0].shape[0])
     chunk = default_chunk(s)
-    run = problem.make_chunk(n, not _uses_scan())
+    run = problem.make_chunk(n, not backend.scans())
     train = {"v": v, "s": dict(act_scale) if s.learn_act else {}}
     opt_state = problem.tx.init(train)
     done, t0, t_first = 0, time.perf_counter(), None
@@ -158,14 +158,9 @@ def _train_block(
     return train["v"], (train["s"] if s.learn_act else act_scale), timing
 
 
-def _uses_scan() -> bool:
-    """Whether iterations run inside `lax.scan` (GPU/TPU) or as straight-line code (CPU)."""
-    return jax.default_backend() != "cpu"
-
-
 def default_chunk(settings: block_problem.Settings) -> int:
     """Iterations per compiled call: `settings.chunk`, else 500 in a scan, 1 on CPU."""
-    return settings.chunk or (500 if _uses_scan() else 1)
+    return settings.chunk or (500 if backend.scans() else 1)
 
 
 def _block_data(

@@ -24,6 +24,9 @@ import numpy as np
 from dnq_jax import quant, taps
 from dnq_jax.ptq import calibration, fold
 
+# By name from the module: the package's attribute `export` is this function, not the module.
+from dnq_jax.ptq.export import export as _export
+
 PyTree = Any
 
 
@@ -104,6 +107,10 @@ class QuantizedModel:
     def __call__(self, images: jax.Array) -> jax.Array:
         """Logits of the fake-quantized model for a batch of images."""
         return self._fn(images)  # type: ignore[attr-defined]
+
+    def export(self, path: Any, format: str = "stablehlo", **options: Any) -> Any:
+        """Writes this model to a file to deploy: see `dnq_jax.ptq.export` (docs/deploy.md)."""
+        return _export(self, path, format, **options)
 
 
 def _check_images(images: Any, name: str) -> None:

@@ -16,7 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dnq_jax import data, models
+from dnq_jax import backend, data, models
 from dnq_jax.errors import ConfigError, DataError
 from dnq_jax.train import optim
 from dnq_jax.train.state import init_key
@@ -153,11 +153,9 @@ def placed(shapes: PyTree, sharding: NamedSharding) -> PyTree:
 def scans_steps(c: ml_collections.ConfigDict) -> bool:
     """Whether a chunk's steps run in a rolled `lax.scan` (GPU/TPU) or straight-line (CPU).
 
-    XLA:CPU runs convolutions inside any loop many times slower than straight-line code.
+    The rule is `dnq_jax.backend.scans`; `runtime.loop` may force either.
     """
-    if c.runtime.loop != "auto":
-        return c.runtime.loop == "scan"
-    return jax.default_backend() != "cpu"
+    return backend.scans(c.runtime.loop)
 
 
 def device_description(mesh: Mesh) -> str:

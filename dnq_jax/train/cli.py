@@ -96,22 +96,29 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     )
     for name, (_, text) in REPORT_FLAGS.items():
         flags.DEFINE_integer(name, None, text)
+    flags.DEFINE_string(
+        "export",
+        None,
+        "Also write each quantized model to this folder as StableHLO and ONNX (w4a4.stablehlo, "
+        "w4a4.onnx, JSON sidecars) and check each file's top-1 (docs/deploy.md).",
+    )
     flags.DEFINE_bool("verbose", False, "Show tracebacks for expected errors.")
     _define_distributed_flags()
     flags.mark_flags_as_required(["workdir"])
-    shown = ("workdir", "bits", "method", "iters", "report", "report-bits", *REPORT_FLAGS)
+    shown = ("workdir", "bits", "method", "iters", "export", "report", "report-bits")
+    shown += tuple(REPORT_FLAGS)
     _list_in_help(*shown, "verbose", *DISTRIBUTED_FLAGS)
 
     def main(_):
         f = flags.FLAGS
         _start_distributed(f)
-        evaluate = lambda: _evaluate(f.workdir, f.bits, f.method, f.iters)
+        evaluate = lambda: _evaluate(f.workdir, f.bits, f.method, f.iters, f.export)
         if not f.report:
             sys.exit(run_guarded(evaluate, f.verbose))
         sizes = {field: f[name].value for name, (field, _) in REPORT_FLAGS.items()}
 
         def evaluate_and_report() -> int:
-            if any(v is not None for v in (f.bits, f.method, f.iters)):
+            if any(v is not None for v in (f.bits, f.method, f.iters, f.export)):
                 evaluate()
             return _report(f.workdir, f["report-bits"].value, sizes)
 
@@ -120,11 +127,13 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     app.run(main, argv=argv, flags_parser=parse_flags)
 
 
-def _evaluate(workdir: str, bits: str | None, method: str | None, iters: int | None) -> int:
+def _evaluate(
+    workdir: str, bits: str | None, method: str | None, iters: int | None, export: str | None
+) -> int:
     quiet_logs()
     from dnq_jax.train import evaluate
 
-    results = evaluate.evaluate_workdir(workdir, bits, method, iters)
+    results = evaluate.evaluate_workdir(workdir, bits, method, iters, export_dir=export)
     used = results["settings"]["method"]
     if _primary():  # every process evaluates the same variables; process 0 writes and prints
         print(evaluate.format_table(results, f"{workdir} ({used}):"))

@@ -24,6 +24,7 @@ from dnq_jax.choices import (
     ACT_SITES,
     DISTS,
     ERROR_SIGNS,
+    LOOPS,
     MASKS,
     RAMPS,
     SCHEDULES,
@@ -35,7 +36,6 @@ from dnq_jax.errors import ConfigError
 from dnq_jax.train.config_keys import (
     DTYPES,
     KEYS,
-    LOOPS,
     METHODS,
     PRESETS,
     RECIPES,

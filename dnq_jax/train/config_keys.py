@@ -36,7 +36,6 @@ RECIPES = {
     },
 }
 DTYPES = ("float32", "bfloat16")
-LOOPS = ("auto", "scan", "unroll")
 PRESETS = ("smoke", "fast")
 RESUME_FREE_GROUPS = ("eval", "runtime")
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from dnq_jax import data, ptq
 from dnq_jax.errors import ConfigError
+from dnq_jax.ptq.export import export_all, load
 from dnq_jax.train import builders, checkpoint, workdir
 from dnq_jax.train import config as config_lib
 
@@ -70,9 +71,19 @@ def make_accuracy_fn(model, batch_size: int):
 
 
 def evaluate_variables(
-    model, variables, ds: data.Dataset, settings: EvalSettings, progress: bool = True
+    model,
+    variables,
+    ds: data.Dataset,
+    settings: EvalSettings,
+    progress: bool = True,
+    export_dir: str | None = None,
 ) -> dict:
-    """FP32 and PTQ top-1 (percent) on the full test split, plus the settings used."""
+    """FP32 and PTQ top-1 (percent) on the full test split, plus the settings used.
+
+    With `export_dir`, each quantized model is also written there as StableHLO and ONNX
+    (`dnq_jax.ptq.export`, docs/deploy.md), and each file, reloaded, is measured on the test
+    split: one printed line per file, its top-1 next to the in-process one.
+    """
     methods = config_lib.ptq_methods()
     if settings.method not in methods:
         raise ConfigError(f"eval.method: unknown {settings.method!r}; choose from {methods}")
@@ -104,6 +115,8 @@ def evaluate_variables(
         results[bits_name(wb, ab)] = ptq.accuracy(
             qm, test_x, ds.test_labels, batch_size=settings.batch_size
         )
+        if export_dir is not None:
+            _export(qm, export_dir, ds, test_x, results[bits_name(wb, ab)], settings)
         if settings.method != "rtn":
             # Each block's output error before and after, the settings and the wall time.
             reports[bits_name(wb, ab)] = qm.report
@@ -119,6 +132,14 @@ def evaluate_variables(
         "eval_time_s": round(time.time() - t0, 2),
     }
     return results
+
+
+def _export(qm, directory: str, ds: data.Dataset, test_x, top1: float, settings) -> None:
+    formula = "(uint8_image / 255 - mean) / std, per channel"
+    normalization = {"mean": ds.mean, "std": ds.std, "formula": formula}
+    for out in export_all(qm, directory, normalization=normalization):
+        checked = ptq.accuracy(load(out), test_x, ds.test_labels, batch_size=settings.batch_size)
+        tqdm.write(f"export {out}, top-1 {checked:.2f} (in-process {top1:.2f})")
 
 
 _PRECISION = re.compile(r"^w\d+a\d+$")
@@ -159,10 +180,12 @@ def evaluate_workdir(
     method: str | None = None,
     iters: int | None = None,
     progress: bool = True,
+    export_dir: str | None = None,
 ) -> dict:
     """Evaluate the final variables of the run in `wd`; writes wd/ptq_results.json.
 
-    `bits`, `method` and `iters` default to the run's own `eval` settings.
+    `bits`, `method` and `iters` default to the run's own `eval` settings. `export_dir`:
+    write and check deployable files there too (process 0 only; see `evaluate_variables`).
     """
     c, model, variables, ds = load_run(wd)
     overrides: dict[str, Any] = {}
@@ -175,6 +198,7 @@ def evaluate_workdir(
     with workdir.agreed():
         settings = EvalSettings.from_config(c, **overrides)
         progress = progress and workdir.is_primary()
-        results = evaluate_variables(model, variables, ds, settings, progress=progress)
+        export_dir = export_dir if workdir.is_primary() else None
+        results = evaluate_variables(model, variables, ds, settings, progress, export_dir)
     workdir.write_results(Path(wd) / "ptq_results.json", results)
     return results

@@ -45,7 +45,7 @@ import orbax.checkpoint as ocp
 from dnq_jax import data, progress, taps
 from dnq_jax.dnq import profiler, ramps
 from dnq_jax.errors import Diverged, Preempted
-from dnq_jax.train import builders, checkpoint, evaluate, metrics, optim
+from dnq_jax.train import builders, checkpoint, evaluate, hosts, metrics, optim
 from dnq_jax.train import config as config_lib
 from dnq_jax.train import step as step_lib
 from dnq_jax.train import workdir as workdir_lib
@@ -71,7 +71,7 @@ def train_and_evaluate(
     mesh = builders.make_mesh(c.runtime.num_devices)
     config_lib.validate(c, mesh.size)
     workdir_lib.check_writable(workdir, create=False)
-    with workdir_lib.agreed():  # each process loads its own copy; a failure stops all
+    with hosts.agreed():  # each process loads its own copy; a failure stops all
         ds = builders.load_dataset(c) if dataset is None else dataset
         spe = builders.steps_per_epoch(c, ds)
     wd = workdir_lib.check_writable(workdir)  # only now does the workdir appear
@@ -93,7 +93,7 @@ def train_and_evaluate(
         variables = builders.init_variables(model, c, ds.image_shape)
         state = builders.put_tree(create_train_state(c.seed, variables, graph, tx), sh["state"])
     else:
-        workdir_lib.log(f"dnq_jax: resumed from step {int(state.step)} in {wd}")
+        hosts.log(f"dnq_jax: resumed from step {int(state.step)} in {wd}")
     workdir_lib.write_config(wd, c)
 
     # --- Compiled functions and device-resident data.
@@ -135,7 +135,7 @@ def train_and_evaluate(
     last_acc = None
     method = config_lib.method_name(c)
     where = builders.device_description(mesh)
-    workdir_lib.log(f"dnq_jax: training {c.model.name} on {c.data.name} ({method}) on {where}")
+    hosts.log(f"dnq_jax: training {c.model.name} on {c.data.name} ({method}) on {where}")
     with stop.installed(), _progress(spe * num_epochs, int(state.step), c) as bar:
         epoch = int(state.step) // spe
         while epoch < num_epochs:
@@ -143,8 +143,8 @@ def train_and_evaluate(
             first = int(state.step) - epoch * spe  # steps of this epoch already done
             noise_on = config_lib.uses_noise(c) and epoch >= c.noise.start_epoch
             if epoch == c.noise.start_epoch > 0 and first == 0:
-                # Shared by every run of these settings whatever its noise keys (any method):
-                # a grid starts such runs from here instead of training it again (fork.py).
+                # Shared by every run of these settings whatever its noise keys (any method): a
+                # grid starts such runs from here instead of training them (dnq_jax/grid/fork.py).
                 checkpoint.save_noise_start(wd, int(state.step), state)
             if noise_on and first == 0:
                 fresh = profile(state.variables(), calib_images)
@@ -202,7 +202,7 @@ def train_and_evaluate(
         params, n_swa = optim.swa_params(state.opt_state, state.params)
     # To the host: the rest runs on each process's own default device, identically everywhere.
     final = jax.device_get(state.variables(params))
-    with workdir_lib.agreed():
+    with hosts.agreed():
         if n_swa and c.swa.bn_recalibration and "batch_stats" in final:
             # Its own permutation: the shuffle stream at an epoch number no epoch uses.
             key = jax.random.fold_in(sub_key(root_key(state), KEY_SHUFFLE), num_epochs)
@@ -210,8 +210,8 @@ def train_and_evaluate(
             final = jax.device_get(optim.recompute_batch_stats(model, final, batches))
     checkpoint.save_final(wd, final)
     eval_settings = evaluate.EvalSettings.from_config(c)
-    bar_shown = c.runtime.progress and workdir_lib.is_primary()
-    with workdir_lib.agreed():
+    bar_shown = c.runtime.progress and hosts.is_primary()
+    with hosts.agreed():
         results = evaluate.evaluate_variables(model, final, ds, eval_settings, progress=bar_shown)
     results["swa_snapshots"] = n_swa
     results["steps"] = int(state.step)
@@ -267,7 +267,7 @@ def _roll_back(
             "noise is not the cause. Lower optim.learning_rate."
         )
     state = restored.replace(lam_scale=jnp.asarray(scale, restored.lam_scale.dtype))
-    workdir_lib.log(
+    hosts.log(
         f"dnq_jax: {msg}\nRolled back to step {int(state.step)}; lambda halved "
         f"(lam_scale={scale:.4g})."
     )
@@ -298,7 +298,7 @@ def _stopped(stop: _StopFlag, where: str, mngr: ocp.CheckpointManager) -> str:
 
 
 def _progress(total: int, initial: int, c: ml_collections.ConfigDict):
-    enabled = c.runtime.progress and workdir_lib.is_primary()
+    enabled = c.runtime.progress and hosts.is_primary()
     return progress.bar(
         total, initial=initial, disable=not enabled, unit="step", desc="train", dynamic_ncols=True
     )
@@ -319,7 +319,7 @@ class _StopFlag:
         """The signal any process has received so far (the largest number), or None."""
         mine = self.signal
         if jax.process_count() > 1:
-            mine = int(np.max(workdir_lib.allgather(np.int32([mine or 0])))) or None
+            mine = int(np.max(hosts.allgather(np.int32([mine or 0])))) or None
         self.agreed = mine
         return mine
 
