@@ -5,7 +5,7 @@ full test split; `evaluate_workdir` does it for a finished run's final variables
 evaluate.py calls).
 
 Several processes: each evaluates the same variables on its own default device (no
-collective), inside `workdir.agreed` blocks, so an error on one stops all; process 0 alone
+collective), inside `hosts.agreed` blocks, so an error on one stops all; process 0 alone
 shows progress and writes ptq_results.json.
 """
 
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from dnq_jax import data, ptq
 from dnq_jax.errors import ConfigError
 from dnq_jax.ptq.export import export_all, load
-from dnq_jax.train import builders, checkpoint, workdir
+from dnq_jax.train import builders, checkpoint, hosts, workdir
 from dnq_jax.train import config as config_lib
 
 
@@ -166,7 +166,7 @@ def load_run(
 
     `ds`: the run's dataset when the caller has it loaded already (several runs on one set).
     """
-    with workdir.agreed():  # every process reads; a failure on any stops all
+    with hosts.agreed():  # every process reads; a failure on any stops all
         c = workdir.read_config(wd)
         ds = builders.load_dataset(c) if ds is None else ds
     model = builders.create_model(c, ds.num_classes)
@@ -195,10 +195,10 @@ def evaluate_workdir(
         overrides["method"] = method
     if iters is not None:
         overrides["iters"] = iters
-    with workdir.agreed():
+    with hosts.agreed():
         settings = EvalSettings.from_config(c, **overrides)
-        progress = progress and workdir.is_primary()
-        export_dir = export_dir if workdir.is_primary() else None
+        progress = progress and hosts.is_primary()
+        export_dir = export_dir if hosts.is_primary() else None
         results = evaluate_variables(model, variables, ds, settings, progress, export_dir)
     workdir.write_results(Path(wd) / "ptq_results.json", results)
     return results

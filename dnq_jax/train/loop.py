@@ -24,7 +24,7 @@ each device gathers its part of the global batch from its own replica (no host i
 pipeline to feed). Process 0 alone writes the workdir, logs and shows progress; a signal
 seen by any process stops all of them after the same chunk, and all save that step. An error
 in host work (the workdir probes and writes, the resume check, the data, the final
-evaluation) is agreed (`workdir.agreed`): every process raises it and exits with the same
+evaluation) is agreed (`hosts.agreed`): every process raises it and exits with the same
 status. Divergence needs no agreement: the finiteness flags are global values, the same on
 every process, so all stop (or roll back) at the same step.
 """

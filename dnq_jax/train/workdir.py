@@ -27,10 +27,7 @@ import ml_collections
 
 from dnq_jax.errors import CheckpointError, ConfigError
 from dnq_jax.train import config as config_lib
-
-# Re-exported for the modules that still call them from here (loop.py, evaluate.py); new
-# code imports them from hosts.py.
-from dnq_jax.train.hosts import agreed, allgather, is_primary, log  # noqa: F401
+from dnq_jax.train.hosts import agreed, is_primary
 
 
 def check_writable(workdir: str | os.PathLike, create: bool = True) -> Path:
