@@ -29,7 +29,7 @@ fashion-mnist:
 	fi
 
 demo: venv fashion-mnist
-	$(BIN)/python -m dnq_jax.grid.demo --workdir demo_out
+	$(BIN)/dnq-demo --workdir demo_out
 
 # Two workers (pytest-xdist), each test file on one worker (its module fixtures built once);
 # TEST_WORKERS=0 runs in-process.

@@ -9,7 +9,7 @@ and data come from WORKDIR/config.json. --export DIR also writes each quantized 
 StableHLO and ONNX files and checks their top-1 (docs/deploy.md).
 """
 
-from dnq_jax.train.cli import evaluate_main
+from dnq_jax.cli.train import evaluate_main
 
 if __name__ == "__main__":
     evaluate_main()

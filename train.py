@@ -9,7 +9,7 @@ The same command is installed as `dnq-train`. Flags only; the work is
 from the newest checkpoint in the workdir.
 """
 
-from dnq_jax.train.cli import train_main
+from dnq_jax.cli.train import train_main
 
 if __name__ == "__main__":
     train_main()

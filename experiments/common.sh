@@ -25,11 +25,11 @@ run_grid() {
   # Cells an earlier sitting left unfinished resume from their parked checkpoints
   # (`$PYTHON experiments/park.py save $workdir $name` packs them; commit experiments/parked/).
   "$PYTHON" experiments/park.py restore "$workdir" "$name"
-  echo "command: $PYTHON -m dnq_jax.grid --workdir $workdir $*"
+  echo "command: $PYTHON -m dnq_jax.cli.grid --workdir $workdir $*"
   echo "started: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPU cores, load: $(cut -d' ' -f1-3 /proc/loadavg)"
   SECONDS=0
   local status=0
-  "$PYTHON" -m dnq_jax.grid --workdir "$workdir" "$@" || status=$?
+  "$PYTHON" -m dnq_jax.cli.grid --workdir "$workdir" "$@" || status=$?
   echo "wall time of this invocation: ${SECONDS} s (exit status $status)"
   mkdir -p experiments/results
   local ext

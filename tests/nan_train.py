@@ -32,6 +32,6 @@ def poisoned_train_step(*args, **kwargs):
 step_lib.make_train_step = poisoned_train_step
 
 if __name__ == "__main__":
-    from dnq_jax.train.cli import train_main
+    from dnq_jax.cli.train import train_main
 
     train_main()

@@ -263,7 +263,8 @@ def test_evaluate_writes_and_checks_both_formats(net, tmp_path, capsys):
 
 
 def test_evaluate_cli_passes_export_on(monkeypatch, capsys):
-    from dnq_jax.train import cli, evaluate
+    from dnq_jax.cli import train as cli
+    from dnq_jax.train import evaluate
 
     seen = {}
 

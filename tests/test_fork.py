@@ -11,6 +11,7 @@ from conftest import SMOKE_RUN
 
 from configs import resnet
 from dnq_jax import grid
+from dnq_jax.cli import grid as grid_cli
 from dnq_jax.grid import fork
 from dnq_jax.grid import run as grid_run
 from dnq_jax.train import checkpoint, loop, metrics
@@ -151,5 +152,5 @@ def test_the_grid_command_shares_warm_ups_unless_told_not_to(tmp_path, monkeypat
 
     monkeypatch.setattr(grid_run, "run_grid", run_grid)
     argv = ["--config", "configs/resnet.py:smoke", "--methods", "dnq", "--workdir", str(tmp_path)]
-    assert grid.main(argv + flag) == 0
+    assert grid_cli.main(argv + flag) == 0
     assert seen["share_warmup"] is shared

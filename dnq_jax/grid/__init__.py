@@ -1,8 +1,8 @@
 """An experiment grid as one command: every (setting, seed) cell trained, PTQ-evaluated, summed up.
 
-  python -m dnq_jax.grid --config configs/resnet.py:smoke --methods sgd,dnq \
+  python -m dnq_jax.cli.grid --config configs/resnet.py:smoke --methods sgd,dnq \
       --seeds 0,1,2 --ptq rtn,qdrop --ptq-iters 50 --bits w4a4,w2a4 --workdir W
-  python -m dnq_jax.grid --config configs/resnet.py:fast --seeds 0,1 --workdir W \
+  python -m dnq_jax.cli.grid --config configs/resnet.py:fast --seeds 0,1 --workdir W \
       --cell sgd:method=sgd,bits=w4a4+w2a4 \
       --cell dnq_w4a4:method=dnq,noise.w_bits=4,noise.a_bits=4,bits=w4a4
 
@@ -37,13 +37,12 @@ trains every warm-up).
 
 The modules: `cells.py` (settings, seeds, config files), `include.py` (earlier grids),
 `run.py` (train, evaluate, report each cell), `report.py` (grid.json and grid.md), `fork.py`
-(shared warm-ups), `park.py` (unfinished cells carried between machines), `cli.py` (the
-flags), `demo.py` (`make demo`: a grid of one SGD and one DNQ model). The grid sits above the
-trainer (`dnq_jax.train`), which never imports it.
+(shared warm-ups), `park.py` (unfinished cells carried between machines), `demo.py` (`make
+demo`: a grid of one SGD and one DNQ model). The grid sits above the trainer
+(`dnq_jax.train`), which never imports it; its command lines are `dnq_jax.cli.grid`.
 """
 
 from dnq_jax.grid.cells import Cell, load_config_file, make_cells, parse_setting
-from dnq_jax.grid.cli import main
 from dnq_jax.grid.include import load_included
 from dnq_jax.grid.run import collect, enable_compile_cache, evaluate_cell, run_grid
 
@@ -54,7 +53,6 @@ __all__ = [
     "evaluate_cell",
     "load_config_file",
     "load_included",
-    "main",
     "make_cells",
     "parse_setting",
     "run_grid",

@@ -1,6 +1,6 @@
 """The demo: plain SGD vs DNQ on Fashion-MNIST, same budget, then RTN and QDrop PTQ.
 
-  python -m dnq_jax.grid.demo --workdir demo_out   (what `make demo` runs; also `dnq-demo`)
+  dnq-demo --workdir demo_out   (what `make demo` runs; the flags: dnq_jax/cli/grid.py)
 
 Trains a small CIFAR-style ResNet for the same short budget plainly (SGD) and with DNQ
 (differential weight noise, activation drop-in, SWA), the noise modelled at W2A4; with
@@ -16,7 +16,6 @@ the run measures; with so short a budget they vary with the seed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -114,33 +113,22 @@ def format_table(records: dict[str, dict], epochs: int, iters: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    """Train, evaluate and tabulate the demo's models (the flags: `--help`); returns 0."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="demo_out")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--qdrop-iters", type=int, default=50, help="QDrop iterations per block")
-    parser.add_argument(
-        "--dnq-targets",
-        default="w2a4",
-        help="one DNQ model per precision, its noise modelled there (w4a4, w2a4 or both)",
-    )
-    parser.add_argument("--fresh", action="store_true", help="delete the workdir first")
-    args = parser.parse_args(argv)
-    out = Path(args.workdir)
-    if args.fresh and out.exists():
+def run_demo(
+    workdir: str, epochs: int, qdrop_iters: int, targets: tuple[str, ...], fresh: bool = False
+) -> int:
+    """Train, evaluate and tabulate the demo's models (one DNQ model per target in `targets`,
+    each of `BITS`); prints the table and writes it under `workdir`; returns 0."""
+    out = Path(workdir)
+    if fresh and out.exists():
         shutil.rmtree(out)
     t0 = time.time()
     enable_compile_cache(out / ".jax_cache")  # DNQ models of several targets share one step
     print(f"dnq_jax demo on {jax.devices()[0].device_kind} ({jax.default_backend()})")
-    targets = tuple(t.strip().lower() for t in args.dnq_targets.split(",") if t.strip())
-    if not targets or any(t not in BITS for t in targets):
-        parser.error(f"--dnq-targets: choose from {', '.join(BITS)}")
-    cells = demo_cells(args.epochs, targets)
-    header = [f"# The demo: SGD vs DNQ, {args.epochs} epochs, QDrop {args.qdrop_iters} iterations"]
-    doc = run_grid(cells, out, PTQ, args.qdrop_iters, header)
+    cells = demo_cells(epochs, targets)
+    header = [f"# The demo: SGD vs DNQ, {epochs} epochs, QDrop {qdrop_iters} iterations"]
+    doc = run_grid(cells, out, PTQ, qdrop_iters, header)
     records = {r["name"].rsplit("_s", 1)[0]: r for r in doc["cells"]}
-    table = format_table(records, args.epochs, args.qdrop_iters)
+    table = format_table(records, epochs, qdrop_iters)
     print(table)
     (out / "results.json").write_text(json.dumps(records, indent=2, default=float))
     (out / "table.txt").write_text(table + "\n")
@@ -154,7 +142,3 @@ def main(argv=None) -> int:
         "results.json, grid.md, accuracy_vs_bits.png, training_curves.png, cells/"
     )
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,7 +20,6 @@ parked cells).
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import shutil
@@ -167,19 +166,3 @@ def _extract(tar: tarfile.TarFile, dest: Path) -> None:
         if Path(m.name).is_absolute() or ".." in parts or not (m.isfile() or m.isdir()):
             raise ValueError(f"{tar.name}: refusing to extract {m.name!r}")
     tar.extractall(dest)
-
-
-def main(argv: list[str] | None, parked_root: Path, description: str = "") -> int:
-    """`save|restore WORKDIR NAME`: park the cells of the grid in WORKDIR under
-    `parked_root/NAME/`, or unpack them from there; returns 0."""
-    p = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
-    p.add_argument("action", choices=["save", "restore"])
-    p.add_argument("workdir", type=Path, help="the grid's workdir (it has cells/)")
-    p.add_argument("name", help=f"the experiment's name: its cells go to {parked_root}/<name>/")
-    args = p.parse_args(argv)
-    parked = parked_root / args.name
-    if args.action == "save":
-        save(args.workdir, parked)
-    else:
-        restore(args.workdir, parked)
-    return 0
