@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dnq_jax.train import config as config_lib  # noqa: E402
-from dnq_jax.train import evaluate, workdir  # noqa: E402
+from dnq_jax.train import evaluate  # noqa: E402
+from dnq_jax.train import results as results_lib  # noqa: E402
 
 
 def _ints(text: str) -> list[int]:
@@ -35,7 +36,7 @@ def _ints(text: str) -> list[int]:
 
 
 def _write(out: Path, results: dict) -> None:
-    workdir.write_results(out.with_suffix(".json"), results)
+    results_lib.write(out.with_suffix(".json"), results)
     points = results["points"]
     cells = list(dict.fromkeys(p["cell"] for p in points))
     bits = list(dict.fromkeys(p["bits"] for p in points))

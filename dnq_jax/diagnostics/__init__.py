@@ -13,7 +13,7 @@
   `MeasureSettings`), as a run's report and experiments/flatness.py use them.
 - PNG plots of all of these and of results and training curves (`plots`).
 
-    setup = error_setup(model, variables, calib_images, w_bits=2, a_bits=4)
+    setup = error_setup(model, variables, calib_images, QuantSpec(w_bits=2, a_bits=4))
     decomposition = output_error_decomposition(setup, calib_images)
     loss_fn = make_loss_fn(model, variables, images, labels, batch_size=256)
     top = top_hessian_eigenvalue(loss_fn, variables["params"], jax.random.key(0), iters=20)

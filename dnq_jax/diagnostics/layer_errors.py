@@ -87,48 +87,43 @@ def error_setup(
     model: nn.Module,
     variables: PyTree,
     calib_images: jax.Array,
-    w_bits: int = 4,
-    a_bits: int | None = 4,
+    spec: ptq.QuantSpec | None = None,
     *,
-    fold_bn: bool = True,
-    keep_ends_8bit: bool = True,
-    w_calibrator: str = "minmax",
-    a_calibrator: str = "minmax",
     apply_kwargs: Mapping[str, Any] | None = None,
     batch_size: int = 128,
-    calib_options: Mapping[str, Any] | None = None,
+    **deprecated: Any,
 ) -> ErrorSetup:
-    """Quantizes `model` with `dnq_jax.ptq.quantize` and keeps its full-precision variables.
+    """Quantizes `model` by RTN as `dnq_jax.ptq.quantize` does with `spec` (None:
+    ``QuantSpec()``, W4A4) and keeps its full-precision variables.
 
-    `fold_bn` (default True, the evaluation's protocol) measures the weight error of the
-    BN-folded kernels, the ones PTQ actually rounds. With False the stored kernels are
+    ``spec.fold_bn`` (default True, the evaluation's protocol) measures the weight error of
+    the BN-folded kernels, the ones PTQ actually rounds. With False the stored kernels are
     quantized, as the DNQ profiler measures them; per-channel min-max error of the folded
     kernel is that of the stored one scaled by the channel's BN scale. `apply_kwargs`
-    defaults to ``{'train': False}`` (BatchNorm in eval mode). The other arguments are
-    those of `ptq.quantize`.
+    defaults to ``{'train': False}`` (BatchNorm in eval mode); `batch_size` is the images
+    per calibration pass. The fields of `QuantSpec` are still taken as keywords in place of
+    `spec`, with a DeprecationWarning.
     """
+    legacy = ptq.spec.split_legacy(deprecated)
+    if deprecated:
+        raise TypeError(f"error_setup: unexpected keyword(s) {sorted(deprecated)}")
+    spec = ptq.spec.resolve(spec, legacy, "error_setup")
     apply_kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
     # The evaluation's own calibration; its folded float variables are the reference.
     cal = ptq.calibrate_model(
         model,
         variables,
         calib_images,
-        w_bits,
-        a_bits,
-        keep_ends_8bit=keep_ends_8bit,
-        w_calibrator=w_calibrator,
-        a_calibrator=a_calibrator,
-        fold_bn=fold_bn,
+        spec,
         apply_kwargs=apply_kwargs,
         calib_batch_size=batch_size,
-        calib_options=calib_options,
     )
     qm = ptq.round_to_nearest(cal)
-    if fold_bn:
+    if spec.fold_bn:
         fp_vars = cal.variables
     else:
         fp_vars = {**variables, fold.FOLDED_BIAS: {}}
-    return ErrorSetup(qmodel=qm, fp_variables=fp_vars, fold_bn=fold_bn)
+    return ErrorSetup(qmodel=qm, fp_variables=fp_vars, fold_bn=spec.fold_bn)
 
 
 def weight_errors(setup: ErrorSetup) -> dict[str, jax.Array]:

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from dnq_jax import data
+from dnq_jax import data, ptq
 from dnq_jax.diagnostics.hessian import hessian_trace, top_hessian_eigenvalue
 from dnq_jax.diagnostics.landscape import loss_landscape_1d, loss_landscape_2d
 from dnq_jax.diagnostics.layer_errors import (
@@ -132,15 +132,10 @@ def measure_errors(model, variables, ds, c, bits: tuple[int, int], s: MeasureSet
     wb, ab = bits
     calib = data.calibration_subset(ds, c.quant.n_calib, c.quant.calib_seed)
     calib_x = data.normalize(calib, ds.mean, ds.std)
-    setup = error_setup(
-        model,
-        variables,
-        calib_x,
-        wb,
-        ab,
-        keep_ends_8bit=c.quant.keep_ends_8bit,
-        a_calibrator=c.eval.calibrator,
+    spec = ptq.QuantSpec(
+        w_bits=wb, a_bits=ab, keep_ends_8bit=c.quant.keep_ends_8bit, a_calibrator=c.eval.calibrator
     )
+    setup = error_setup(model, variables, calib_x, spec)
     x, _ = _images(ds, training_subset(ds, s.error_images, s.seed))
     wst = weight_error_stats(setup, bins=s.bins)
     ast = activation_error_stats(setup, x, bins=s.bins)

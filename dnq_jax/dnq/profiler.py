@@ -19,13 +19,9 @@ import jax.numpy as jnp
 
 from dnq_jax import quant, taps
 from dnq_jax.choices import ERROR_SIGNS, W_QUANTIZERS
-from dnq_jax.ptq.calibration import (
-    ACTIVATION_CALIBRATORS,
-    WEIGHT_CALIBRATORS,
-    assign_bits,
-    check_calibrator,
-    quantize_kernel,
-)
+from dnq_jax.ptq import spec as spec_lib
+from dnq_jax.ptq.calibration import assign_bits, quantize_kernel
+from dnq_jax.ptq.spec import QuantSpec
 
 PyTree = Any
 
@@ -85,13 +81,13 @@ def init_stats(graph: taps.Graph) -> NoiseStats:
 
 
 def _weight_error_stats(
-    kernel: jax.Array, bits: int, method: str, kind: str, quantizer: str, sign: float
+    kernel: jax.Array, bits: int, spec: QuantSpec, kind: str, quantizer: str, sign: float
 ) -> tuple[jax.Array, jax.Array]:
     w = kernel.astype(jnp.float32)
     axes = tuple(range(w.ndim - 1))
     if quantizer == "evaluation":
         # The evaluation's weight quantizer itself (per output channel, asymmetric).
-        err = sign * (quantize_kernel(w, bits, method) - w)
+        err = sign * (quantize_kernel(w, bits, spec.w_calibrator, **spec.calib_options) - w)
         return jnp.mean(err, axis=axes), jnp.std(err, axis=axes)
     # The authors' profiler: symmetric, scale max|W| / (2^(b-1) - 1), per output channel for
     # a conv and per tensor for a dense layer, whose error is summarised per tensor too.
@@ -107,22 +103,26 @@ def _weight_error_stats(
 def make_profiler(
     model,
     graph: taps.Graph,
+    spec: QuantSpec | None = None,
     *,
-    w_bits: int,
-    a_bits: int,
-    keep_ends_8bit: bool = True,
-    w_calibrator: str = "minmax",
-    a_calibrator: str = "minmax",
-    apply_kwargs: Mapping[str, Any] | None = None,
     w_quantizer: str = "evaluation",
     error_sign: str = "paper",
+    apply_kwargs: Mapping[str, Any] | None = None,
+    **deprecated: Any,
 ) -> Callable[[PyTree, jax.Array], NoiseStats]:
     """A function measuring the WQE/AQE statistics once: fn(variables, calib_images).
+
+    `spec` is the quantization whose error is modelled, the evaluation's `QuantSpec`: its
+    bit-widths (``a_bits`` may not be None: the activation error is profiled too), its
+    8-bit ends, its calibrators and their options. Its ``fold_bn`` is not read: the error
+    is measured on the unfolded kernel the model trains (see the comment in `profile`).
+    The fields of `QuantSpec` are still taken as keywords in place of `spec`, with a
+    DeprecationWarning.
 
     `w_quantizer='evaluation'` (the default) models the weight error of the evaluation's own
     quantizer (asymmetric per output channel, the 8-bit ends at 8 bits); 'symmetric' that
     of the authors' profiler: symmetric with scale max|W| / (2^(b-1) - 1), per output
-    channel for convs and per tensor for dense layers, every kernel at `w_bits`.
+    channel for convs and per tensor for dense layers, every kernel at ``spec.w_bits``.
     `error_sign='paper'` measures Q(x) - x, 'authors' x - Q(x) (weights and activations),
     which flips the sign of the modelled means.
 
@@ -132,18 +132,23 @@ def make_profiler(
     eval mode, as the evaluation sees it).
 
     Raises:
-      ValueError: on bad bit-widths or an unknown calibrator.
+      ValueError: on a weight-only spec, or a bad spec field given as a keyword.
+      TypeError: without a spec.
     """
+    legacy = spec_lib.split_legacy(deprecated)
+    if deprecated:
+        raise TypeError(f"make_profiler: unexpected keyword(s) {sorted(deprecated)}")
+    spec = spec_lib.resolve(spec, legacy, "make_profiler", required=True)
+    if spec.a_bits is None:
+        raise ValueError("spec.a_bits: the profiler models activation error too; not None")
     if w_quantizer not in W_QUANTIZERS:
         raise ValueError(f"w_quantizer must be one of {W_QUANTIZERS}, got {w_quantizer!r}")
     if error_sign not in ERROR_SIGNS:
         raise ValueError(f"error_sign must be one of {ERROR_SIGNS}, got {error_sign!r}")
     sign = 1.0 if error_sign == "paper" else -1.0
-    bits = layer_bits(graph, w_bits, a_bits, keep_ends_8bit)
+    bits = layer_bits(graph, spec.w_bits, spec.a_bits, spec.keep_ends_8bit)
     if w_quantizer == "symmetric":  # the authors' profiler keeps no layer at 8 bits
-        bits = {name: (w_bits, ab) for name, (_, ab) in bits.items()}
-    check_calibrator(w_calibrator, WEIGHT_CALIBRATORS, "w_calibrator")
-    check_calibrator(a_calibrator, ACTIVATION_CALIBRATORS, "a_calibrator")
+        bits = {name: (spec.w_bits, ab) for name, (_, ab) in bits.items()}
     apply_kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
     kernels = graph.kernel_layers()
 
@@ -151,7 +156,7 @@ def make_profiler(
         # Reduced inside the forward pass: only two scalars per site outlive the layer call.
         b = bits[name][1]
         xf = x.astype(jnp.float32)
-        lo, hi = quant.calibrate(xf, b, method=a_calibrator)
+        lo, hi = quant.calibrate(xf, b, method=spec.a_calibrator, **spec.calib_options)
         err = sign * (quant.fake_quant_asymmetric(xf, lo, hi, b) - xf)
         return jnp.mean(err), jnp.std(err)
 
@@ -167,7 +172,7 @@ def make_profiler(
             k.name: _weight_error_stats(
                 taps.get_kernel(params, k),
                 bits[k.name][0],
-                w_calibrator,
+                spec,
                 k.kind,
                 w_quantizer,
                 sign,

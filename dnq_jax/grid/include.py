@@ -13,8 +13,8 @@ from pathlib import Path
 
 from dnq_jax.errors import ConfigError
 from dnq_jax.grid.cells import Cell
-from dnq_jax.grid.report import read_json
 from dnq_jax.train import config as config_lib
+from dnq_jax.train import results
 
 
 def load_included(
@@ -55,7 +55,7 @@ def _read_grid(path: Path, config: str, iters: int) -> dict:
     """The grid.json at `path`, checked to come from a grid of the same settings."""
     if not path.is_file():
         raise ConfigError(f"--include: no file {path}")
-    doc = read_json(path)
+    doc = results.read(path)
     if "cells" not in doc:
         raise ConfigError(f"--include: {path} is not a readable grid.json (no 'cells')")
     for key, want in (("config", config), ("ptq_iters", iters)):

@@ -1,8 +1,8 @@
 """The grid's report: per-cell rows and mean +- std over seeds, as grid.json and grid.md.
 
 Pure functions of the cell records `run.py` collects (no JAX), so the arithmetic is tested
-on its own; `write` puts them in the grid's folder and `read_json` reads any JSON file
-there. A record is a dict: `name` (cell), `setting`, `seed`, `fp32`, `train_time_s`, and
+on its own; `write` puts them in the grid's folder. A record is a dict: `name` (cell),
+`setting`, `seed`, `fp32`, `train_time_s`, and
 `ptq` = {PTQ method: {'w4a4': top-1, ...}}; a cell taken from an earlier grid also has
 `included_from` (that grid.json's path), and one that began from another cell's warm-up has
 `warmup_from` = {'cell': that cell, 'step': the step it began at}.
@@ -123,12 +123,3 @@ def write(workdir: Path, meta: dict, header: list[str], records: list[dict], pen
     doc = {**meta, "summary": summarize(records), "cells": records, "pending": pending}
     write_atomic(workdir / "grid.json", json.dumps(doc, indent=2, default=float))
     write_atomic(workdir / "grid.md", markdown(header, records, pending))
-
-
-def read_json(path: Path) -> dict:
-    """The JSON object in `path`, or {} when the file is missing or unreadable (a grid treats
-    a torn or absent results file as not written yet)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

@@ -19,8 +19,8 @@ import ml_collections
 from dnq_jax.errors import ConfigError
 from dnq_jax.grid import report as grid_report
 from dnq_jax.grid.cells import Cell, bits_text
-from dnq_jax.grid.report import read_json
 from dnq_jax.train import config as config_lib
+from dnq_jax.train import results
 
 
 def _data_key(c: ml_collections.ConfigDict) -> tuple:
@@ -36,16 +36,9 @@ def _eval_settings(cell: Cell, method: str, iters: int):
     )
 
 
-def _compatible(saved: dict, want) -> bool:
-    """Whether results `saved` were measured with the settings of `want` (bits aside)."""
-    s = saved.get("settings", {})
-    fields = [f.name for f in dataclasses.fields(want) if f.name != "bits"]
-    return all(s.get(f) == getattr(want, f) for f in fields)
-
-
 def _trained(cwd: Path, c: ml_collections.ConfigDict) -> bool:
     """Whether the cell's run finished (results.json); refuse a workdir of other settings."""
-    saved = read_json(cwd / "config.json")
+    saved = results.read(cwd / "config.json")
     if saved:
         changed = config_lib.resume_conflicts(saved, c)
         if changed:
@@ -53,13 +46,13 @@ def _trained(cwd: Path, c: ml_collections.ConfigDict) -> bool:
                 f"{changed[0]}: {cwd} holds a run with other settings ({', '.join(changed)}); "
                 "the grid's cells must keep their settings. Use another --workdir."
             )
-    return bool(saved) and (cwd / "results.json").exists()
+    return bool(saved) and (cwd / results.TRAINED).exists()
 
 
 def collect(cell: Cell, cwd: Path, ptq: list[str], iters: int) -> dict | None:
     """The cell's record for the report, or None while anything is missing (reads only)."""
-    results = read_json(cwd / "results.json")
-    if "fp32" not in results:
+    trained = results.read(cwd / results.TRAINED)
+    if "fp32" not in trained:
         return None
     record = {
         "name": cell.name,
@@ -67,18 +60,18 @@ def collect(cell: Cell, cwd: Path, ptq: list[str], iters: int) -> dict | None:
         "seed": cell.seed,
         "overrides": cell.overrides,
         "workdir": f"cells/{cell.name}",
-        "fp32": results["fp32"],
-        "train_time_s": results.get("train_time_s", 0.0),
+        "fp32": trained["fp32"],
+        "train_time_s": trained.get("train_time_s", 0.0),
         "ptq": {},
     }
-    origin = read_json(cwd / "fork.json")
+    origin = results.read(cwd / "fork.json")
     if origin:
         record["warmup_from"] = {"cell": Path(origin["donor"]).name, "step": origin["step"]}
     for method in ptq:
         want = _eval_settings(cell, method, iters)
-        have = read_json(cwd / f"ptq_{method}.json")
+        have = results.read(cwd / results.method_file(method))
         keys = [config_lib.bits_name(*b) for b in want.bits]
-        if not _compatible(have, want) or any(k not in have for k in keys):
+        if not results.compatible(have, want) or any(k not in have for k in keys):
             return None
         record["ptq"][method] = {k: have[k] for k in keys}
     return record
@@ -88,19 +81,18 @@ def evaluate_cell(cell: Cell, cwd: Path, ds, ptq: list[str], iters: int) -> None
     """PTQ-evaluate the cell's final variables with each method; only what is missing."""
     import jax
 
-    from dnq_jax.train import builders, checkpoint, evaluate, workdir
+    from dnq_jax.train import builders, checkpoint, evaluate
 
     model = variables = None
-    results = read_json(cwd / "results.json")
+    trained = results.read(cwd / results.TRAINED)
     for method in ptq:
         want = _eval_settings(cell, method, iters)
-        path = cwd / f"ptq_{method}.json"
-        have = read_json(path)
-        stale = not _compatible(have, want)  # then rewritten, even with nothing to compute
+        path = cwd / results.method_file(method)
+        have = results.read(path)
+        stale = not results.compatible(have, want)  # then rewritten, even with nothing to compute
         if stale:
             # RTN at the cell's bits is what the trainer measured at the end of the run.
-            have = results if _compatible(results, want) else {}
-            have = {k: v for k, v in have.items() if k not in ("swa_snapshots", "steps")}
+            have = results.ptq_only(trained) if results.compatible(trained, want) else {}
         missing = tuple(b for b in want.bits if config_lib.bits_name(*b) not in have)
         if missing:
             if variables is None:
@@ -116,22 +108,9 @@ def evaluate_cell(cell: Cell, cwd: Path, ds, ptq: list[str], iters: int) -> None
                 dataclasses.replace(want, bits=missing),
                 progress=cell.config.runtime.progress,
             )
-            have = _merge(have, new)
+            have = results.merge(have, new)
         if missing or stale:
-            workdir.write_results(path, have)
-
-
-def _merge(old: dict, new: dict) -> dict:
-    if not old:
-        return new
-    out = {**old, **{k: v for k, v in new.items() if k not in ("settings", "reconstruction")}}
-    if "reconstruction" in new:
-        out["reconstruction"] = {**old.get("reconstruction", {}), **new["reconstruction"]}
-    settings = dict(new["settings"])
-    settings["bits"] = list(dict.fromkeys([*old["settings"]["bits"], *settings["bits"]]))
-    settings["eval_time_s"] = old["settings"].get("eval_time_s", 0) + settings["eval_time_s"]
-    out["settings"] = settings
-    return out
+            results.write(path, have)
 
 
 def write_report(
@@ -157,7 +136,7 @@ def write_report(
         else:
             records.append(r)
     grid_report.write(wd, meta, header, records, pending)
-    doc = read_json(wd / "grid.json")
+    doc = results.read(wd / "grid.json")
     if records:
         from dnq_jax.diagnostics import plots  # matplotlib, only once there is a result
 

@@ -18,7 +18,7 @@ import optax
 from dnq_jax import prng, taps
 from dnq_jax.ptq import blocks as blocks_lib
 from dnq_jax.ptq import calibration, fold, rounding
-from dnq_jax.ptq.rtn import Calibrated
+from dnq_jax.ptq.result import Calibrated
 
 PyTree = Any
 
@@ -26,8 +26,9 @@ RECONSTRUCTION_METHODS = ("adaround", "brecq", "qdrop")
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    """How a block is reconstructed; the defaults are the original papers'.
+class ReconSettings:
+    """How a block is reconstructed (AdaRound, BRECQ, QDrop); build it with `for_method`,
+    which gives the method's own defaults, those of the original papers.
 
     Attributes:
       method: 'adaround' (layer-wise, weights only), 'brecq' or 'qdrop' (block-wise, with
@@ -63,7 +64,7 @@ class Settings:
     progress: bool = False
 
     @classmethod
-    def for_method(cls, method: str, **overrides: Any) -> Settings:
+    def for_method(cls, method: str, **overrides: Any) -> ReconSettings:
         """The method's defaults (QDrop: drop_prob 0.5), with `overrides` (None: default)."""
         if method not in RECONSTRUCTION_METHODS:
             raise ValueError(f"method must be one of {RECONSTRUCTION_METHODS}, got {method!r}")
@@ -78,12 +79,16 @@ class Settings:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown reconstruction option(s) {sorted(unknown)}")
-        s = dataclasses.replace(base, **overrides)
-        s.check()
-        return s
+        return dataclasses.replace(base, **overrides)
+
+    def __post_init__(self) -> None:
+        self.check()
 
     def check(self) -> None:
-        """Raises ValueError naming the first bad setting."""
+        """Raises ValueError naming the first bad setting (the constructor calls it)."""
+        if self.method not in RECONSTRUCTION_METHODS:
+            methods = RECONSTRUCTION_METHODS
+            raise ValueError(f"method must be one of {methods}, got {self.method!r}")
         calibration.check_positive_int(self.iters, "iters")
         calibration.check_positive_int(self.batch_size, "batch_size")
         if self.chunk is not None:
@@ -125,7 +130,7 @@ def rec_error(out: PyTree, target: PyTree, weight: PyTree | None) -> jax.Array:
 class BlockProblem:
     """The reconstruction of one block: its constants, its forward and its compiled steps."""
 
-    def __init__(self, cal: Calibrated, block: blocks_lib.Block, s: Settings) -> None:
+    def __init__(self, cal: Calibrated, block: blocks_lib.Block, s: ReconSettings) -> None:
         self.cal, self.block, self.s = cal, block, s
         graph = cal.graph
         self.layers = tuple(graph[name] for name in block.sites)
@@ -154,7 +159,7 @@ class BlockProblem:
             out = {}
             for k, w in kernels.items():
                 lo, hi = calibration.kernel_range(
-                    w, self.bits[k], cal.w_calibrator, **cal.calib_options
+                    w, self.bits[k], cal.spec.w_calibrator, **cal.spec.calib_options
                 )
                 scale, zero = rounding.grid_of_range(lo, hi, self.bits[k])
                 out[k] = (scale, zero, rounding.init_rounding(w, scale))

@@ -48,6 +48,15 @@ def check_positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def check_image_batch(images: Any, name: str) -> None:
+    """Raises ValueError naming `name` unless `images` is a non-empty array, batch first."""
+    shape = getattr(images, "shape", None)
+    if shape is None or len(shape) < 1:
+        raise ValueError(f"{name} must be an array of images, batch first, got {type(images)}")
+    if shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(shape)})")
+
+
 def assign_bits(
     graph: taps.Graph,
     w_bits: int,

@@ -1,6 +1,6 @@
 """Ship a `QuantizedModel`: a StableHLO file (exact) or an ONNX QDQ file (integer weights).
 
-    qm = ptq.quantize(model, variables, calib_images, w_bits=4, a_bits=4)
+    qm = ptq.quantize(model, variables, calib_images, ptq.QuantSpec(w_bits=4, a_bits=4))
     print(ptq.export(qm, "w4a4.stablehlo"))              # exact, runs wherever JAX runs
     print(ptq.export(qm, "w4a4.onnx", format="onnx"))    # onnxruntime and integer engines
 

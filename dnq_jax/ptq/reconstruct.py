@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from dnq_jax import backend, progress, quant, taps
 from dnq_jax.ptq import block_problem, calibration, fold, rounding
 from dnq_jax.ptq import blocks as blocks_lib
-from dnq_jax.ptq.rtn import Calibrated, QuantizedModel
+from dnq_jax.ptq.result import Calibrated, QuantizedModel
 
 PyTree = Any
 
@@ -158,7 +158,7 @@ def _train_block(
     return train["v"], (train["s"] if s.learn_act else act_scale), timing
 
 
-def default_chunk(settings: block_problem.Settings) -> int:
+def default_chunk(settings: block_problem.ReconSettings) -> int:
     """Iterations per compiled call: `settings.chunk`, else 500 in a scan, 1 on CPU."""
     return settings.chunk or (500 if backend.scans() else 1)
 
@@ -170,7 +170,7 @@ def _block_data(
     ranges: calibration.Ranges,
     images: jax.Array,
     fp_logits: jax.Array | None,
-    settings: block_problem.Settings,
+    settings: block_problem.ReconSettings,
 ) -> dict:
     """Block `index`'s inputs from the model quantized before it, its float output (the
     target) and, for BRECQ/QDrop, its Fisher weights in the model quantized up to and
@@ -231,7 +231,7 @@ def reconstruct(
     cal: Calibrated,
     rtn: QuantizedModel,
     calib_images: jax.Array,
-    settings: block_problem.Settings,
+    settings: block_problem.ReconSettings,
     *,
     blocks: Iterable[Any] | None = None,
     calib_batch_size: int = 128,
@@ -305,8 +305,8 @@ def reconstruct(
     return cal.quantized(params, ranges, **report)
 
 
-def _progress(settings: block_problem.Settings, block: blocks_lib.Block, index: int, total: int):
-    if not settings.progress:
+def _progress(s: block_problem.ReconSettings, block: blocks_lib.Block, index: int, total: int):
+    if not s.progress:
         return None
-    desc = f"{settings.method} {index + 1}/{total} {block.name}"
-    return progress.bar(settings.iters, desc=desc, unit="it", leave=False)
+    desc = f"{s.method} {index + 1}/{total} {block.name}"
+    return progress.bar(s.iters, desc=desc, unit="it", leave=False)

@@ -2,37 +2,24 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from dnq_jax.train import evaluate as train_eval
+from dnq_jax.train import results
 
 
 def collect_ptq(wd: str | Path) -> list[dict]:
-    """One row per distinct PTQ result in the workdir's JSON files: {'method', 'iters',
-    'n_calib', 'accuracy': {'fp32': top-1, 'w4a4': ...}, 'sources': [file names]}.
-    Files holding the same numbers (a grid's results.json and ptq_rtn.json) share a row."""
-    wd = Path(wd)
-    names = ["results.json", "ptq_results.json"]
-    names += sorted(p.name for p in wd.glob("ptq_*.json") if p.name not in names)
+    """One row per distinct PTQ result in the workdir's result files (`train.results`):
+    {'method', 'iters', 'n_calib', 'accuracy': {'fp32': top-1, 'w4a4': ...}, 'sources': [file
+    names]}. Files holding the same numbers (a grid's results.json and ptq_rtn.json) share a
+    row."""
     rows: list[dict] = []
-    for name in names:
-        try:
-            r = json.loads((wd / name).read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(r, dict) or "fp32" not in r:
-            continue
+    for name, r in results.in_workdir(wd):
         st = r.get("settings", {})
-        # FP32, then the precisions in the order evaluated (the files sort their keys).
-        order = ["fp32", *st.get("bits", []), *sorted(r)]
-        keys = [k for k in dict.fromkeys(order) if k in r and train_eval.is_accuracy_key(k)]
-        acc = {k: float(r[k]) for k in keys}
         row = {
             "method": st.get("method", "rtn"),
             "iters": st.get("iters", 0),
             "n_calib": st.get("n_calib"),
-            "accuracy": acc,
+            "accuracy": results.accuracies(r),
         }
         same = next((x for x in rows if {**x, "sources": None} == {**row, "sources": None}), None)
         if same is not None:

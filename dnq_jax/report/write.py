@@ -15,7 +15,7 @@ from dnq_jax.report import markdown
 from dnq_jax.report.collect import collect_ptq, training_summary
 from dnq_jax.train import config as config_lib
 from dnq_jax.train import evaluate as train_eval
-from dnq_jax.train import metrics, workdir
+from dnq_jax.train import metrics, results, workdir
 
 # The report's settings are the measurements' (`bits`: the precisions of the error
 # statistics, default `default_bits(config)`).
@@ -93,7 +93,7 @@ def write_report(wd: str | Path, settings: ReportSettings | None = None) -> Path
     _flatness_figures(wd, doc["figures"], fl, title)
     doc["timings_s"] = {**pr.timings, "total": round(time.time() - t0, 2)}
     doc["device"] = f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})"
-    workdir.write_results(wd / "report.json", doc)
+    results.write(wd / "report.json", doc)
     workdir.write_text(wd / "report.md", markdown.format_report(doc))
     return wd / "report.md"
 
@@ -106,7 +106,7 @@ def _ptq(wd: Path, doc: dict, c, model, variables, ds, progress: bool, title: st
     if computed:
         es = train_eval.EvalSettings.from_config(c)
         res = train_eval.evaluate_variables(model, variables, ds, es, progress=progress)
-        workdir.write_results(wd / "ptq_results.json", res)
+        results.write(wd / results.EVALUATED, res)
         rows = collect_ptq(wd)
     doc["ptq"] = {"rows": rows, "computed": computed}
     curves = {markdown.row_label(r): r["accuracy"] for r in rows}

@@ -90,9 +90,9 @@ def evaluate_variables(
     test_x = np.asarray(data.normalize(ds.test_images, ds.mean, ds.std))
     calib = data.calibration_subset(ds, settings.n_calib, settings.calib_seed)
     calib_x = np.asarray(data.normalize(calib, ds.mean, ds.std))
-    options: dict[str, Any] = {"method": settings.method}
+    recon = None  # RTN; a reconstruction method's iterations (0: its default) and bar
     if settings.method != "rtn":
-        options.update(iters=settings.iters or None, progress=progress)
+        recon = {"iters": settings.iters or None, "progress": progress}
     results: dict[str, Any] = {}
     reports: dict[str, Any] = {}
     t0 = time.time()
@@ -101,17 +101,13 @@ def evaluate_variables(
     results["fp32"] = fp32(variables, test_x, ds.test_labels)
     bar.update(1)
     for wb, ab in settings.bits:
-        qm = ptq.quantize(
-            model,
-            variables,
-            calib_x,
+        spec = ptq.QuantSpec(
             w_bits=wb,
             a_bits=ab,
             keep_ends_8bit=settings.keep_ends_8bit,
-            w_calibrator="minmax",
             a_calibrator=settings.calibrator,
-            **options,
         )
+        qm = ptq.quantize(model, variables, calib_x, spec, method=settings.method, recon=recon)
         results[bits_name(wb, ab)] = ptq.accuracy(
             qm, test_x, ds.test_labels, batch_size=settings.batch_size
         )

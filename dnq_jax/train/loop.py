@@ -45,8 +45,10 @@ import orbax.checkpoint as ocp
 from dnq_jax import data, progress, taps
 from dnq_jax.dnq import profiler, ramps
 from dnq_jax.errors import Diverged, Preempted
+from dnq_jax.ptq.spec import QuantSpec
 from dnq_jax.train import builders, checkpoint, evaluate, hosts, metrics, optim
 from dnq_jax.train import config as config_lib
+from dnq_jax.train import results as results_lib
 from dnq_jax.train import step as step_lib
 from dnq_jax.train import workdir as workdir_lib
 from dnq_jax.train.state import KEY_SHUFFLE, TrainState, create_train_state, root_key, sub_key
@@ -111,10 +113,12 @@ def train_and_evaluate(
         profiler.make_profiler(
             model,
             graph,
-            w_bits=c.noise.w_bits,
-            a_bits=c.noise.a_bits,
-            keep_ends_8bit=c.quant.keep_ends_8bit,
-            a_calibrator=c.noise.calibrator,
+            QuantSpec(
+                w_bits=c.noise.w_bits,
+                a_bits=c.noise.a_bits,
+                keep_ends_8bit=c.quant.keep_ends_8bit,
+                a_calibrator=c.noise.calibrator,
+            ),
             w_quantizer=c.noise.w_quantizer,
             error_sign=c.noise.error_sign,
         )
@@ -216,7 +220,7 @@ def train_and_evaluate(
     results["swa_snapshots"] = n_swa
     results["steps"] = int(state.step)
     results["train_time_s"] = time.time() - t_start
-    workdir_lib.write_results(wd / "results.json", results)
+    results_lib.write(wd / results_lib.TRAINED, results)
     writer.close()
     return results
 
