@@ -6,16 +6,21 @@
 #
 #   bash experiments/cifar10_table.sh                  (one grid per model in MODELS)
 #   MODELS=resnet20 SEEDS=0 bash experiments/cifar10_table.sh
+#   MODELS=resnet20 SEEDS=0 ROWS="sgd dnq_w2a4 authors_w2a4" bash experiments/cifar10_table.sh
+#                                      (the first slice: SGD, DNQ and the authors' recipe at W2A4)
 #
 # Environment: MODELS (resnet20 mobilenet_v2), SEEDS (0,1,2), PRESET (fast: the paper's
 # protocol scaled to 40 epochs, noise from 20, SWA over the last 10; paper: 400 epochs, noise
 # from 200, SWA from 300), PTQ_ITERS (2000 reconstruction iterations per block; the paper
-# uses 20,000), EXTRA (more config pairs, e.g. optim.batch_size=128), WORKDIR_ROOT
+# uses 20,000), ROWS (a subset of the rows below, by name), EXTRA (more config pairs, e.g.
+# optim.batch_size=128), WORKDIR_ROOT
 # (workdirs), PYTHON. The data file is found as configs/resnet.py says (runtime.npz_path,
 # else DNQ_CIFAR10_JPEG, else ../shared/data/ beside the repository).
 #
-# Rows: ResNet-20 at W4A4, W2A4 and W2A2 (sgd evaluated at all three; one dnq cell per
-# target); MobileNetV2 at W4A4 and W2A4 (the paper reports it at W4A4). Batch 64, lr 0.015
+# Rows: ResNet-20 at W4A4, W2A4 and W2A2 (sgd evaluated at all three; one dnq cell and one
+# authors cell, `method=authors`: the recipe of the paper's public code, docs/protocol.md,
+# per target); MobileNetV2 at W4A4 and W2A4 (the paper reports it at W4A4). The grid prints
+# each cell's wall time as it finishes ("... done (N s)") and grid.md keeps it. Batch 64, lr 0.015
 # cosine, wd 1e-3, label smoothing 0.1 (the paper's; configs/resnet.py). With the shared
 # warm-ups each DNQ cell after the first of its seed trains only the noise stage.
 #
@@ -50,11 +55,16 @@ cells_for() {  # the --cell arguments of one model
       echo "--cell dnq_w4a4:$noise,noise.w_bits=4,noise.a_bits=4,bits=w4a4"
       echo "--cell dnq_w2a4:$noise,noise.w_bits=2,noise.a_bits=4,bits=w2a4"
       echo "--cell dnq_w2a2:$noise,noise.w_bits=2,noise.a_bits=2,bits=w2a2"
+      echo "--cell authors_w4a4:method=authors,noise.w_bits=4,noise.a_bits=4,bits=w4a4"
+      echo "--cell authors_w2a4:method=authors,noise.w_bits=2,noise.a_bits=4,bits=w2a4"
+      echo "--cell authors_w2a2:method=authors,noise.w_bits=2,noise.a_bits=2,bits=w2a2"
       ;;
     mobilenet_v2)
       echo "--cell sgd:method=sgd,bits=w4a4+w2a4"
       echo "--cell dnq_w4a4:$noise,noise.w_bits=4,noise.a_bits=4,bits=w4a4"
       echo "--cell dnq_w2a4:$noise,noise.w_bits=2,noise.a_bits=4,bits=w2a4"
+      echo "--cell authors_w4a4:method=authors,noise.w_bits=4,noise.a_bits=4,bits=w4a4"
+      echo "--cell authors_w2a4:method=authors,noise.w_bits=2,noise.a_bits=4,bits=w2a4"
       ;;
     *) echo "no table for model $1 (resnet20, mobilenet_v2)" >&2; return 2 ;;
   esac
@@ -63,6 +73,12 @@ cells_for() {  # the --cell arguments of one model
 status=0
 for model in $MODELS; do
   cells=$(cells_for "$model") || exit 2
+  if [ -n "${ROWS:-}" ]; then  # keep the rows named in ROWS
+    cells=$(echo "$cells" | while read -r flag spec; do
+      for row in $ROWS; do if [ "${spec%%:*}" = "$row" ]; then echo "$flag $spec"; fi; done
+    done)
+    [ -n "$cells" ] || { echo "ROWS=$ROWS names no row of $model" >&2; exit 2; }
+  fi
   config_file=configs/resnet.py
   [ "$model" = mobilenet_v2 ] && config_file=configs/mobilenet.py
   pairs="${preset:+$preset,}model.name=$model,data.name=cifar10_jpeg,runtime.progress=False"
