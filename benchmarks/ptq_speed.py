@@ -81,8 +81,9 @@ def main(argv=None) -> int:
     for method in args.methods.split(","):
         t0 = time.perf_counter()
         qm = ptq.quantize(
-            model, variables, x, args.w_bits, args.a_bits, method=method, iters=iters,
-            batch_size=args.batch, apply_kwargs={"train": False},
+            model, variables, x, ptq.QuantSpec(w_bits=args.w_bits, a_bits=args.a_bits),
+            method=method, recon={"iters": iters, "batch_size": args.batch},
+            apply_kwargs={"train": False},
         )  # fmt: skip
         wall = time.perf_counter() - t0
         blocks = qm.report["blocks"]

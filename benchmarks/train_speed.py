@@ -29,6 +29,7 @@ import optax  # noqa: E402
 
 from dnq_jax import data, models, taps  # noqa: E402
 from dnq_jax.dnq import profiler  # noqa: E402
+from dnq_jax.ptq import QuantSpec  # noqa: E402
 from dnq_jax.train import builders, optim  # noqa: E402
 from dnq_jax.train.state import TrainState  # noqa: E402
 from dnq_jax.train.step import StepSettings, make_chunk_fn, make_train_step  # noqa: E402
@@ -206,7 +207,7 @@ def main(argv=None):
         flip=True,
     )
     step = make_train_step(model, graph, tx, settings, mean, std, dtype)
-    measure = jax.jit(profiler.make_profiler(model, graph, w_bits=2, a_bits=4))
+    measure = jax.jit(profiler.make_profiler(model, graph, QuantSpec(w_bits=2, a_bits=4)))
     calib = data.normalize(images[:100], mean, std)
     t0 = time.perf_counter()
     stats = _block(measure(variables, calib))

@@ -63,9 +63,16 @@ def main(argv=None) -> int:
             if cell in results["cells"]:
                 continue
             t0 = time.time()
-            kw = {} if method == "rtn" else dict(iters=args.iters, progress=True)
+            recon = None if method == "rtn" else {"iters": args.iters, "progress": True}
+            spec = ptq.QuantSpec(w_bits=wb, a_bits=ab)
             qm = ptq.quantize(
-                model, variables, calib_x, wb, ab, method=method, apply_kwargs=apply_kwargs, **kw
+                model,
+                variables,
+                calib_x,
+                spec,
+                method=method,
+                recon=recon,
+                apply_kwargs=apply_kwargs,
             )
             acc = ptq.accuracy(qm, test_x, ds.test_labels)
             results["cells"][cell] = {

@@ -14,6 +14,7 @@ import pytest
 from configs import resnet
 from dnq_jax import taps
 from dnq_jax.dnq import init_stats, noise, profiler
+from dnq_jax.ptq import QuantSpec
 from dnq_jax.train import config as config_lib
 from dnq_jax.train import optim
 from dnq_jax.train.state import KEY_WEIGHT_NOISE, TrainState, root_key, sub_key
@@ -58,9 +59,8 @@ def _authors_weight_error(w: np.ndarray, bits: int, conv: bool):
 
 def test_symmetric_profiler_matches_the_authors_weight_error_statistics():
     model, variables, x, graph = _tiny()
-    prof = profiler.make_profiler(
-        model, graph, w_bits=2, a_bits=4, w_quantizer="symmetric", error_sign="authors"
-    )
+    w2a4 = QuantSpec(w_bits=2, a_bits=4)
+    prof = profiler.make_profiler(model, graph, w2a4, w_quantizer="symmetric", error_sign="authors")
     stats = jax.device_get(prof(variables, x))
     for layer in graph.kernel_layers():
         w = np.asarray(taps.get_kernel(variables["params"], layer))
@@ -69,12 +69,12 @@ def test_symmetric_profiler_matches_the_authors_weight_error_statistics():
         np.testing.assert_allclose(stats.w_mu[layer.name], mu, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(stats.w_sigma[layer.name], sd, rtol=1e-5, atol=1e-7)
     # The activation error keeps its size and flips its sign against the paper's Q(x) - x.
-    paper = jax.device_get(profiler.make_profiler(model, graph, w_bits=2, a_bits=4)(variables, x))
+    paper = jax.device_get(profiler.make_profiler(model, graph, w2a4)(variables, x))
     for name in graph.names:
         np.testing.assert_allclose(stats.a_mu[name], -paper.a_mu[name], rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(stats.a_sigma[name], paper.a_sigma[name], rtol=1e-6)
     with pytest.raises(ValueError, match="w_quantizer"):
-        profiler.make_profiler(model, graph, w_bits=2, a_bits=4, w_quantizer="sym")
+        profiler.make_profiler(model, graph, w2a4, w_quantizer="sym")
 
 
 # --- noise.act_sites=relu -------------------------------------------------------------------

@@ -11,6 +11,7 @@ from test_profiler import SmallCNN, random_variables
 from dnq_jax import diagnostics as dg
 from dnq_jax import taps
 from dnq_jax.diagnostics import plots
+from dnq_jax.ptq import QuantSpec
 
 
 def _fake_quant(x: np.ndarray, bits: int, per_channel: bool) -> np.ndarray:
@@ -68,7 +69,7 @@ def cnn():
 
     inputs = {k: np.asarray(v, np.float64) for k, v in layer_inputs(variables, images).items()}
     setups = {
-        fold: dg.error_setup(model, variables, images, 3, 3, fold_bn=fold, batch_size=4)
+        fold: dg.error_setup(model, variables, images, QuantSpec(3, 3, fold_bn=fold), batch_size=4)
         for fold in (False, True)
     }
     return model, images, variables, inputs, setups
@@ -158,7 +159,8 @@ def test_decomposition_of_dense_layers_matches_numpy():
     rng = np.random.default_rng(3)
     images = jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)
     variables = model.init(jax.random.key(1), images)
-    setup = dg.error_setup(model, variables, images, 3, 3, keep_ends_8bit=False, fold_bn=False)
+    spec = QuantSpec(w_bits=3, a_bits=3, keep_ends_8bit=False, fold_bn=False)
+    setup = dg.error_setup(model, variables, images, spec)
     got = dg.output_error_decomposition(setup, images, batch_size=3)
     x = np.asarray(images, np.float64)
     for name in ("hidden", "out"):
@@ -181,7 +183,7 @@ def test_decomposition_of_dense_layers_matches_numpy():
 
 def test_weight_only_decomposition_has_no_activation_term(cnn):
     _, images, variables, _, _ = cnn
-    setup = dg.error_setup(SmallCNN(), variables, images, 3, None, batch_size=4)
+    setup = dg.error_setup(SmallCNN(), variables, images, QuantSpec(3, None), batch_size=4)
     got = dg.output_error_decomposition(setup, images, batch_size=6)
     for name, terms in got.items():
         assert terms["activation"] == 0.0 and terms["cross"] == 0.0, name

@@ -22,7 +22,7 @@ from dnq_jax.ptq.export import load, weight_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 BITS = [(8, 8), (4, 4), (2, 4)]
-METHODS = {"rtn": {}, "adaround": {"iters": 20}}
+METHODS = {"rtn": None, "adaround": {"iters": 20}}  # method: its recon settings
 
 
 class Net(nn.Module):
@@ -78,8 +78,10 @@ def quantized(net):
     """{(method, w_bits, a_bits): QuantizedModel} for RTN and AdaRound at each width."""
     model, variables, calib, _, _ = net
     return {
-        (method, w, a): ptq.quantize(model, variables, calib, w, a, method=method, **options)
-        for method, options in METHODS.items()
+        (method, w, a): ptq.quantize(
+            model, variables, calib, ptq.QuantSpec(w, a), method=method, recon=recon
+        )
+        for method, recon in METHODS.items()
         for w, a in BITS
     }
 

@@ -173,8 +173,9 @@ def test_trace_unrolls_lifted_layers_like_the_plain_twin(case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_ptq_of_lifted_model_equals_ptq_of_plain_twin(case, bits):
     lifted, v, plain, pv, x = _setup(case)
-    qm = ptq.quantize(lifted, v, x, w_bits=bits[0], a_bits=bits[1])
-    pq = ptq.quantize(plain, pv, x, w_bits=bits[0], a_bits=bits[1])
+    spec = ptq.QuantSpec(w_bits=bits[0], a_bits=bits[1])
+    qm = ptq.quantize(lifted, v, x, spec)
+    pq = ptq.quantize(plain, pv, x, spec)
     assert {_plain_name(n): b for n, b in qm.bits_per_layer.items()} == pq.bits_per_layer
     assert [(_plain_name(s), p) for s, p in qm.bn_pairs] == list(pq.bn_pairs)
     for name, (lo, hi) in qm.act_ranges.items():
@@ -188,9 +189,9 @@ def test_ptq_of_lifted_model_equals_ptq_of_plain_twin(case, bits):
 def test_profiler_statistics_equal_per_layer(case):
     lifted, v, plain, pv, x = _setup(case)
     g, pg = taps.trace(lifted, v, x), taps.trace(plain, pv, x)
-    kw = dict(w_bits=4, a_bits=4, apply_kwargs={})
-    stats = jax.jit(profiler.make_profiler(lifted, g, **kw))(v, x)
-    want = jax.jit(profiler.make_profiler(plain, pg, **kw))(pv, x)
+    spec = ptq.QuantSpec(w_bits=4, a_bits=4)
+    stats = jax.jit(profiler.make_profiler(lifted, g, spec, apply_kwargs={}))(v, x)
+    want = jax.jit(profiler.make_profiler(plain, pg, spec, apply_kwargs={}))(pv, x)
     assert len(stats.w_mu) == len(want.w_mu) == len(pg.kernel_layers())
     # Site names differ between the twins (a stack's slices vs separate modules); the
     # statistics must agree layer by layer in call order.
@@ -213,7 +214,7 @@ def _dnq_grads(model, variables, x, y, key, prepare: bool):
     has_bn = "batch_stats" in variables
     eval_kw = {"train": False} if has_bn else {}
     graph = taps.trace(model, variables, x, **eval_kw)
-    prof = profiler.make_profiler(model, graph, w_bits=2, a_bits=4, apply_kwargs=eval_kw)
+    prof = profiler.make_profiler(model, graph, ptq.QuantSpec(2, 4), apply_kwargs=eval_kw)
     stats = jax.jit(prof)(variables, x)
     k_t, k_prev = noise.step_keys(key, 3)
 

@@ -1,5 +1,7 @@
 """The WQE/AQE profiler against an independent numpy float64 computation."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import pytest
 from dnq_jax import taps
 from dnq_jax.dnq import profiler
 from dnq_jax.dnq.profiler import NoiseStats
+from dnq_jax.ptq import QuantSpec
 
 
 class SmallCNN(nn.Module):
@@ -93,7 +96,8 @@ def test_layer_bits_keeps_the_ends_at_8_bits(setup):
 @pytest.mark.parametrize("keep_ends", [True, False])
 def test_profiler_matches_numpy_float64(setup, keep_ends):
     model, images, variables, graph, inputs = setup
-    profile = profiler.make_profiler(model, graph, w_bits=2, a_bits=4, keep_ends_8bit=keep_ends)
+    spec = QuantSpec(w_bits=2, a_bits=4, keep_ends_8bit=keep_ends)
+    profile = profiler.make_profiler(model, graph, spec)
     got = jax.jit(profile)(variables, images)
     bits = profiler.layer_bits(graph, 2, 4, keep_ends)
     w_mu, w_sigma, a_mu, a_sigma = _reference(variables, graph, inputs, bits)
@@ -120,11 +124,10 @@ def test_profiler_matches_numpy_float64(setup, keep_ends):
 
 def test_search_calibrators_reach_the_quantizer(setup):
     model, images, variables, graph, _ = setup
-    kw = dict(w_bits=2, a_bits=4, keep_ends_8bit=False)
-    base = jax.jit(profiler.make_profiler(model, graph, **kw))(variables, images)
-    mse = jax.jit(
-        profiler.make_profiler(model, graph, w_calibrator="mse", a_calibrator="mse", **kw)
-    )(variables, images)
+    spec = QuantSpec(w_bits=2, a_bits=4, keep_ends_8bit=False)
+    base = jax.jit(profiler.make_profiler(model, graph, spec))(variables, images)
+    mse_spec = dataclasses.replace(spec, w_calibrator="mse", a_calibrator="mse")
+    mse = jax.jit(profiler.make_profiler(model, graph, mse_spec))(variables, images)
     # The MSE search minimises mean(e^2) = mu^2 + sigma^2 and has min-max among its candidates.
     msq = lambda mu, sd: np.square(np.asarray(mu)) + np.square(np.asarray(sd))
     for n in base.w_mu:
@@ -135,7 +138,7 @@ def test_search_calibrators_reach_the_quantizer(setup):
     a_mse = msq(sites(mse.a_mu), sites(mse.a_sigma))
     assert np.all(a_mse <= a_base * (1 + 1e-5)) and np.any(a_mse < 0.9 * a_base)
     with pytest.raises(ValueError, match="a_calibrator"):
-        profiler.make_profiler(model, graph, w_bits=2, a_bits=4, a_calibrator="max")
+        profiler.make_profiler(model, graph, dataclasses.replace(spec, a_calibrator="max"))
 
 
 def _stats(graph, fill, count: int = 1) -> NoiseStats:

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from dnq_jax import ptq, quant
-from dnq_jax.ptq import calibration
+from dnq_jax.ptq import QuantSpec, calibration
 
 
 class SmallCNN(nn.Module):
@@ -85,7 +85,7 @@ def accuracies(trained):
     err = {}
     ref = fp(x_test[:256])
     for w, a in [(16, 16), (8, 8), (4, 4), (2, 4)]:
-        qm = ptq.quantize(model, variables, x_train[:128], w_bits=w, a_bits=a)
+        qm = ptq.quantize(model, variables, x_train[:128], QuantSpec(w_bits=w, a_bits=a))
         acc[f"W{w}A{a}"] = ptq.accuracy(qm, x_test, y_test)
         err[f"W{w}A{a}"] = float(jnp.mean(jnp.abs(qm(x_test[:256]) - ref)))
     return acc, err
@@ -118,7 +118,7 @@ def distinct_per_channel(kernel) -> int:
 
 def test_first_and_last_layers_stay_at_8_bits(trained):
     model, variables, x_train, _, _ = trained
-    qm = ptq.quantize(model, variables, x_train[:64], w_bits=2, a_bits=4)
+    qm = ptq.quantize(model, variables, x_train[:64], QuantSpec(w_bits=2, a_bits=4))
     assert qm.bits_per_layer == {
         "conv1": (8, 8),
         "conv2": (2, 4),
@@ -135,7 +135,8 @@ def test_first_and_last_layers_stay_at_8_bits(trained):
     assert lo == pytest.approx(float(x_train[:64].min())) and hi == pytest.approx(
         float(x_train[:64].max())
     )
-    all_low = ptq.quantize(model, variables, x_train[:64], w_bits=2, a_bits=4, keep_ends_8bit=False)
+    spec = QuantSpec(w_bits=2, a_bits=4, keep_ends_8bit=False)
+    all_low = ptq.quantize(model, variables, x_train[:64], spec)
     assert all_low.bits_per_layer["conv1"] == (2, 4) == all_low.bits_per_layer["head"]
     assert distinct_per_channel(all_low.variables["params"]["conv1"]["kernel"]) <= 4
 
@@ -145,10 +146,10 @@ def test_weight_only_and_unfolded_16_bit_match_fp32_logits(trained):
     # Calibrated on the very images compared, so that 16-bit activations are never clipped.
     images = x_test[:64]
     ref = ptq.fp32(model, variables)(images)
-    weight_only = ptq.quantize(model, variables, images, w_bits=16, a_bits=None)
+    weight_only = ptq.quantize(model, variables, images, QuantSpec(w_bits=16, a_bits=None))
     assert weight_only.act_ranges == {} and weight_only.a_bits is None
     assert all(a is None for _, a in weight_only.bits_per_layer.values())
-    unfolded = ptq.quantize(model, variables, images, w_bits=16, a_bits=16, fold_bn=False)
+    unfolded = ptq.quantize(model, variables, images, QuantSpec(16, 16, fold_bn=False))
     assert unfolded.bn_pairs == () and "folded_bias" not in unfolded.variables
     for qm in (weight_only, unfolded):
         np.testing.assert_allclose(qm(images), ref, rtol=1e-3, atol=1e-3)
@@ -191,7 +192,7 @@ def test_quantized_forward_matches_numpy():
         return jnp.asarray(rng.normal(size=s.shape) * (1.0 if leaf == "kernel" else 0.3), s.dtype)
 
     variables = jax.tree_util.tree_map_with_path(draw, shapes)
-    qm = ptq.quantize(model, variables, calib, w_bits=3, a_bits=4, calib_batch_size=5)
+    qm = ptq.quantize(model, variables, calib, QuantSpec(w_bits=3, a_bits=4), calib_batch_size=5)
 
     p, st = jax.tree_util.tree_map(np.asarray, (variables["params"], variables["batch_stats"]))
 
@@ -243,7 +244,7 @@ def test_quantized_forward_matches_numpy():
 def test_activation_calibrators_match_numpy_and_ignore_batching(trained):
     model, variables, x_train, _, _ = trained
     calib = np.asarray(x_train[:40])
-    qm = ptq.quantize(model, variables, calib, w_bits=4, a_bits=4)
+    qm = ptq.quantize(model, variables, calib, QuantSpec(w_bits=4, a_bits=4))
     forward = lambda v, x: ptq.apply_folded(model, v, qm.bn_pairs, x)
     folded, _ = ptq.fold_batchnorm(model, variables, calib[:1])
     a_bits = {name: a for name, (_, a) in qm.bits_per_layer.items()}
@@ -324,37 +325,39 @@ class NoLayers(nn.Module):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(w_bits=1), "w_bits"),
-        (dict(w_bits=17), "w_bits"),
-        (dict(a_bits=1), "a_bits"),
-        (dict(a_bits=4.0), "a_bits"),
-        (dict(w_calibrator="kl"), "w_calibrator"),
-        (dict(a_calibrator="kl"), "a_calibrator"),
+        (dict(spec=4), "QuantSpec"),
         (dict(calib_images=np.zeros((0, 16, 16, 3), np.float32)), "calib_images"),
         (dict(calib_images=np.zeros((2, 16, 16, 5), np.float32)), "calib_images"),
         (dict(model=NoLayers()), "model"),
         (dict(calib_batch_size=0), "calib_batch_size"),
         (dict(method="gptq"), "method"),
-        (dict(iters=10), "iters"),
-        (dict(method="qdrop", iters=0), "iters"),
-        (dict(method="adaround", iters=2.5), "iters"),
-        (dict(method="brecq", batch_size=0), "batch_size"),
-        (dict(method="qdrop", drop_prob=1.5), "drop_prob"),
+        (dict(recon={"iters": 10}), "iters"),
+        (dict(recon=ptq.ReconSettings.for_method("brecq")), "recon"),
+        (dict(blocks=["stage1"]), "blocks"),
+        (dict(method="qdrop", recon={"iters": 0}), "iters"),
+        (dict(method="adaround", recon={"iters": 2.5}), "iters"),
+        (dict(method="brecq", recon={"batch_size": 0}), "batch_size"),
+        (dict(method="qdrop", recon={"drop_prob": 1.5}), "drop_prob"),
         (dict(method="brecq", blocks=["no_such_block"]), "blocks"),
-        (dict(method="brecq", recon_options={"lrate": 1.0}), "lrate"),
+        (dict(method="brecq", recon={"lrate": 1.0}), "lrate"),
+        (dict(method="qdrop", recon=ptq.ReconSettings.for_method("brecq")), "recon"),
+        (dict(method="qdrop", recon=[("iters", 1)]), "recon"),
+        (dict(spec=QuantSpec(), w_bits=2), "w_bits"),
+        (dict(method="qdrop", recon={}, iters=2), "iters"),
     ],
 )
 def test_bad_arguments_are_named(trained, kwargs, match):
     model, variables, x_train, _, _ = trained
     args = dict(model=model, variables=variables, calib_images=x_train[:8])
     args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
+    error = TypeError if isinstance(args.get("spec"), int) else ValueError
+    with pytest.raises(error, match=match):
         ptq.quantize(**args)
 
 
 def test_bad_accuracy_arguments_are_named(trained):
     model, variables, x_train, _, y_test = trained
-    qm = ptq.quantize(model, variables, x_train[:8], w_bits=4, a_bits=4)
+    qm = ptq.quantize(model, variables, x_train[:8], QuantSpec(w_bits=4, a_bits=4))
     with pytest.raises(ValueError, match="images"):
         ptq.accuracy(qm, np.zeros((4, 16, 16, 5), np.float32), np.zeros(4, int))
     with pytest.raises(ValueError, match="labels"):

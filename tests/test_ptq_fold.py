@@ -256,7 +256,7 @@ def test_16bit_weight_only_model_equals_float_model(case):
     model, want_pairs = EXACT_FOLD_CASES[case]
     x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
     variables = far_from_identity(jax.eval_shape(model.init, jax.random.key(1), x))
-    qm = ptq.quantize(model, variables, x, w_bits=16, a_bits=None)
+    qm = ptq.quantize(model, variables, x, ptq.QuantSpec(w_bits=16, a_bits=None))
     assert qm.bn_pairs == want_pairs
     ref = model.apply(variables, x)
     assert relative_error(qm(x), ref) < 1e-4

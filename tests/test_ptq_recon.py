@@ -1,5 +1,7 @@
 """Reconstruction PTQ (AdaRound, BRECQ, QDrop) on models defined here and on the zoo."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -41,7 +43,7 @@ class ResNetLike(nn.Module):
 
 
 ITERS = 100
-W2A4 = dict(w_bits=2, a_bits=4)
+W2A4 = ptq.QuantSpec(w_bits=2, a_bits=4)
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +79,10 @@ def net():
 def results(net):
     """RTN and every reconstruction method at W2A4 with the same seed."""
     model, variables, calib, _, _ = net
-    out = {"rtn": ptq.quantize(model, variables, calib, **W2A4)}
+    out = {"rtn": ptq.quantize(model, variables, calib, W2A4)}
     for method in ("adaround", "brecq", "qdrop"):
-        out[method] = ptq.quantize(model, variables, calib, **W2A4, method=method, iters=ITERS)
+        recon = {"iters": ITERS}
+        out[method] = ptq.quantize(model, variables, calib, W2A4, method=method, recon=recon)
     return out
 
 
@@ -244,10 +247,11 @@ def mlp():
     model = MLP()
     x = jax.random.normal(jax.random.key(0), (48, 12))
     variables = model.init(jax.random.key(1), x)
+    spec = dataclasses.replace(W2A4, keep_ends_8bit=False)
     run = lambda method="qdrop", **kw: ptq.quantize(
-        model, variables, x, **W2A4, method=method, iters=4, keep_ends_8bit=False, **kw
+        model, variables, x, spec, method=method, recon={"iters": 4, **kw}
     )  # fmt: skip
-    return run, run(recon_options={"chunk": 1})
+    return run, run(chunk=1)
 
 
 def test_qdrop_without_dropping_is_brecq(mlp):
@@ -265,8 +269,8 @@ def test_the_scanned_path_and_its_chunks_give_the_straight_line_result(mlp, monk
     """The GPU/TPU path (iterations inside lax.scan, here chunks of 3 then 1) forced on CPU
     equals the straight-line path of one iteration per call."""
     run, one = mlp
-    monkeypatch.setattr(reconstruct, "_uses_scan", lambda: True)
-    scanned = run(recon_options={"chunk": 3})
+    monkeypatch.setattr(reconstruct.backend, "scans", lambda loop="auto": True)
+    scanned = run(chunk=3)
     assert scanned.report["settings"]["chunk"] == 3 and one.report["settings"]["chunk"] == 1
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
@@ -308,7 +312,7 @@ def test_a_block_called_twice_is_refused():
     x = jnp.ones((2, 8))
     variables = model.init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="blocks: 'shared' is called 2 times"):
-        ptq.quantize(model, variables, x, method="brecq", iters=1)
+        ptq.quantize(model, variables, x, method="brecq", recon={"iters": 1})
 
 
 @pytest.mark.parametrize(

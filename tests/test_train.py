@@ -16,6 +16,7 @@ from conftest import SMOKE_RUN
 from configs import resnet
 from dnq_jax import data, taps
 from dnq_jax.dnq import init_stats, profiler
+from dnq_jax.ptq import QuantSpec
 from dnq_jax.train import builders, metrics
 from dnq_jax.train.loop import noise_lambda, train_and_evaluate
 from dnq_jax.train.state import KEY_SHUFFLE, TrainState, create_train_state, root_key, sub_key
@@ -198,7 +199,7 @@ def _pieces(c, num_devices: int) -> SimpleNamespace:
         chunk_fn=make_chunk_fn(step, scan=False, shardings=sh),
         images=builders.put(ds.train_images, sh["data"]),
         labels=builders.put(ds.train_labels.astype(np.int32), sh["data"]),
-        profile=jax.jit(profiler.make_profiler(model, graph, w_bits=2, a_bits=4)),
+        profile=jax.jit(profiler.make_profiler(model, graph, QuantSpec(w_bits=2, a_bits=4))),
         calib=jnp.asarray(data.normalize(calib, ds.mean, ds.std)),
         epoch_indices=lambda key: data.epoch_indices(key, ds.num_train, c.optim.batch_size)[:spe],
     )

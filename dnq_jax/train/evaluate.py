@@ -12,7 +12,6 @@ shows progress and writes ptq_results.json.
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from dnq_jax.errors import ConfigError
 from dnq_jax.ptq.export import export_all, load
 from dnq_jax.train import builders, checkpoint, hosts, workdir
 from dnq_jax.train import config as config_lib
+from dnq_jax.train import results as results_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,17 +138,9 @@ def _export(qm, directory: str, ds: data.Dataset, test_x, top1: float, settings)
         tqdm.write(f"export {out}, top-1 {checked:.2f} (in-process {top1:.2f})")
 
 
-_PRECISION = re.compile(r"^w\d+a\d+$")
-
-
-def is_accuracy_key(key: str) -> bool:
-    """Whether a results key holds a top-1 accuracy: 'fp32' or a precision such as 'w4a4'."""
-    return key == "fp32" or bool(_PRECISION.match(key))
-
-
 def format_table(results: dict, title: str = "") -> str:
     """A plain-text table: one row per precision, FP32 first."""
-    keys = ["fp32"] + [k for k in results if k != "fp32" and is_accuracy_key(k)]
+    keys = ["fp32"] + [k for k in results if k != "fp32" and results_lib.is_accuracy_key(k)]
     lines = [title] if title else []
     lines += ["precision   top-1 (%)", "---------   ---------"]
     lines += [f"{k.upper():<11} {results[k]:>9.2f}" for k in keys if k in results]
@@ -196,5 +188,5 @@ def evaluate_workdir(
         progress = progress and hosts.is_primary()
         export_dir = export_dir if hosts.is_primary() else None
         results = evaluate_variables(model, variables, ds, settings, progress, export_dir)
-    workdir.write_results(Path(wd) / "ptq_results.json", results)
+    results_lib.write(Path(wd) / results_lib.EVALUATED, results)
     return results

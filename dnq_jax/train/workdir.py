@@ -118,14 +118,6 @@ def _check_resume(workdir: Path, c: ml_collections.ConfigDict) -> None:
         )
 
 
-def write_results(path: str | os.PathLike, results: dict) -> None:
-    """Write `results` as sorted, indented JSON to `path` (process 0; every process calls)."""
-    with agreed():
-        if is_primary():
-            text = json.dumps(results, indent=2, sort_keys=True, default=float)
-            write_atomic(Path(path), text)
-
-
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file of the workdir atomically (process 0 only)."""
     if is_primary():
