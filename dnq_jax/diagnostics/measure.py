@@ -20,9 +20,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
-from dnq_jax import data, ptq
+from dnq_jax import data, progress, ptq
 from dnq_jax.diagnostics.hessian import hessian_trace, top_hessian_eigenvalue
 from dnq_jax.diagnostics.landscape import loss_landscape_1d, loss_landscape_2d
 from dnq_jax.diagnostics.layer_errors import (
@@ -91,8 +90,8 @@ def _images(ds: data.Dataset, idx: np.ndarray):
 
 
 class Progress:
-    """Progress lines and tqdm bars (both off with show=False, and printed by process 0
-    only); the wall time of each section in `timings`."""
+    """Progress lines and bars (`dnq_jax.progress`; both off with show=False, and printed by
+    process 0 only); the wall time of each section in `timings`."""
 
     def __init__(self, show: bool) -> None:
         self.show = show
@@ -112,8 +111,8 @@ class Progress:
         self._log(f"report: {name}: {self.timings[name]:.1f} s")
 
     def bar(self, total: int, desc: str):
-        """A tqdm bar of `total` steps and a callback(step, value) that advances it."""
-        bar = tqdm(total=total, desc=desc, disable=not self.show, leave=False)
+        """A progress bar of `total` steps and a callback(step, value) that advances it."""
+        bar = progress.bar(total, desc=desc, disable=not self.show, leave=False)
 
         def callback(_, value: float) -> None:
             bar.set_postfix_str(f"{value:.4g}", refresh=False)

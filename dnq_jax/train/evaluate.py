@@ -19,9 +19,9 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
 from dnq_jax import data, ptq
+from dnq_jax import progress as progress_lib
 from dnq_jax.errors import ConfigError
 from dnq_jax.ptq.export import export_all, load
 from dnq_jax.train import builders, checkpoint, hosts, workdir
@@ -96,7 +96,9 @@ def evaluate_variables(
     results: dict[str, Any] = {}
     reports: dict[str, Any] = {}
     t0 = time.time()
-    bar = tqdm(total=1 + len(settings.bits), desc="PTQ eval", disable=not progress, unit="cfg")
+    bar = progress_lib.bar(
+        1 + len(settings.bits), desc="PTQ eval", disable=not progress, unit="cfg"
+    )
     fp32 = make_accuracy_fn(model, settings.batch_size)
     results["fp32"] = fp32(variables, test_x, ds.test_labels)
     bar.update(1)
@@ -135,7 +137,7 @@ def _export(qm, directory: str, ds: data.Dataset, test_x, top1: float, settings)
     normalization = {"mean": ds.mean, "std": ds.std, "formula": formula}
     for out in export_all(qm, directory, normalization=normalization):
         checked = ptq.accuracy(load(out), test_x, ds.test_labels, batch_size=settings.batch_size)
-        tqdm.write(f"export {out}, top-1 {checked:.2f} (in-process {top1:.2f})")
+        print(f"export {out}, top-1 {checked:.2f} (in-process {top1:.2f})", flush=True)
 
 
 def format_table(results: dict, title: str = "") -> str:
