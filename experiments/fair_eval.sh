@@ -15,7 +15,7 @@ WORKDIR=${WORKDIR:-workdirs/dnq_table_fair}
 ITERS=${ITERS:-200,500,1000,2000,5000}
 "$PYTHON" experiments/park.py restore "$WORKDIR" dnq_table_fair
 echo "started: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPU cores"
-SECONDS=0 #
+SECONDS=0
 "$PYTHON" -m dnq_jax.cli.grid --workdir "$WORKDIR" --config "$TABLE_CONFIG" --seeds 0 \
   --ptq rtn \
   --cell "sgd:method=sgd,bits=w4a4+w2a4+w2a2" \
