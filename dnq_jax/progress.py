@@ -101,6 +101,15 @@ class LogBar:
         items = {**(ordered_dict or {}), **kw}
         self._postfix = ", ".join(f"{k}={v}" for k, v in items.items())
 
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self._postfix = s
+
+    def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
+        self.desc = desc or ""
+
+    def refresh(self) -> None:
+        pass
+
     def close(self) -> None:
         if self._dirty:
             self._print()

@@ -25,6 +25,11 @@ def test_a_log_gets_one_plain_line_per_interval_and_one_at_the_end():
     assert len(lines) == 3 and bar.lines == 3  # at 10 s, at 20 s, and at the end
     assert lines[0].startswith("train: 401/1000 step (40%), ") and "loss=" in lines[0]
     assert lines[-1].startswith("train: 1000/1000 step (100%)")
+    bar.set_postfix_str("x=1")  # the rest of tqdm's interface the callers use
+    bar.set_description("eval")
+    bar.update(0)
+    bar.close()
+    assert out.getvalue().splitlines()[-1].startswith("eval: 1000/1000") and "x=1" in out.getvalue()
     assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
 
 
