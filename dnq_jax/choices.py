@@ -29,6 +29,8 @@ ERROR_SIGNS = ("paper", "authors")
 SCHEDULES = ("cosine", "cosine_to_swa")
 # How repeated steps run: a rolled scan, straight-line code, or by backend (`backend.scans`).
 LOOPS = ("auto", "scan", "unroll")
+# Terms of the per-layer output-error decomposition (diagnostics.layer_errors, the report).
+DECOMPOSITION_TERMS = ("activation", "weight", "cross", "total")
 # Range calibrators of the quantizers.
 WEIGHT_CALIBRATORS = ("minmax", "mse")
 ACTIVATION_CALIBRATORS = ("minmax", "percentile", "mse")

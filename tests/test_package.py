@@ -243,3 +243,25 @@ def test_installed_package_imports_from_any_directory(tmp_path):
             [str(bin_dir / script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
         )
         assert "--workdir" in r.stdout, (script, r.stdout, r.stderr)  # absl's --help exits 1
+
+
+def test_each_list_of_allowed_values_is_written_once():
+    """No tuple of two or more string literals (a list of allowed values: methods, masks,
+    ramps, calibrators, ...) is written in two places of the package; dnq_jax/choices.py
+    holds the shared ones."""
+    seen: dict[tuple[str, ...], list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Assign) or not isinstance(node.value, ast.Tuple):
+                continue
+            items = node.value.elts
+            if len(items) < 2 or not all(
+                isinstance(e, ast.Constant) and isinstance(e.value, str) for e in items
+            ):
+                continue
+            values = tuple(sorted(e.value for e in items))
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            seen.setdefault(values, []).append(where)
+    twice = {v: w for v, w in seen.items() if len(w) > 1}
+    assert not twice, twice

@@ -35,12 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dnq_jax import ptq, quant, taps
+from dnq_jax.choices import DECOMPOSITION_TERMS
 from dnq_jax.diagnostics.error_stats import ErrorStats, error_stats
 from dnq_jax.ptq import fold
 
 PyTree = Any
-
-DECOMPOSITION_TERMS = ("activation", "weight", "cross", "total")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-_TERMS = ("activation", "weight", "cross", "total")
+from dnq_jax.choices import DECOMPOSITION_TERMS as _TERMS
 
 
 def _f(v, fmt: str = ".4g") -> str:
