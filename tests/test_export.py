@@ -8,12 +8,10 @@ import sys
 from pathlib import Path
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from test_ptq import blobs
+from test_ptq import train_on_blobs
 
 from dnq_jax import data, ptq
 from dnq_jax.errors import ConfigError
@@ -49,31 +47,7 @@ class Net(nn.Module):
 @pytest.fixture(scope="module")
 def net():
     """Net trained for 150 Adam steps on the blob task (tests/test_ptq.py)."""
-    x_train, y_train = blobs(0, 2048)
-    x_test, y_test = blobs(1, 1000)
-    model = Net()
-    variables = jax.jit(model.init)(jax.random.key(0), x_train[:1])
-    tx = optax.adam(optax.cosine_decay_schedule(5e-3, 150))
-
-    @jax.jit
-    def step(params, stats, opt_state, x, y):
-        def loss_fn(p):
-            logits, upd = model.apply(
-                {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
-            )
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
-
-        (_, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), upd["batch_stats"], opt_state
-
-    params, stats = variables["params"], variables["batch_stats"]
-    opt_state = tx.init(params)
-    for i in range(150):
-        idx = np.arange(i * 64, (i + 1) * 64) % x_train.shape[0]
-        params, stats, opt_state = step(params, stats, opt_state, x_train[idx], y_train[idx])
-    variables = {"params": params, "batch_stats": stats}
-    return model, variables, x_train[:128], np.asarray(x_test), np.asarray(y_test)
+    return train_on_blobs(Net(), 150)
 
 
 @pytest.fixture(scope="module")

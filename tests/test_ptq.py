@@ -44,6 +44,34 @@ def blobs(seed: int, n: int, size: int = 16):
     return jnp.asarray(x, jnp.float32), jnp.asarray(labels)
 
 
+def train_on_blobs(model, steps: int):
+    """(model, trained variables, 128 calibration images, test images, test labels): `model`
+    trained for `steps` Adam steps (cosine learning rate from 5e-3) on the blob task."""
+    x_train, y_train = blobs(0, 2048)
+    x_test, y_test = blobs(1, 1000)
+    variables = jax.jit(model.init)(jax.random.key(0), x_train[:1])
+    tx = optax.adam(optax.cosine_decay_schedule(5e-3, steps))
+
+    @jax.jit
+    def step(params, stats, opt_state, x, y):
+        def loss_fn(p):
+            logits, upd = model.apply(
+                {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+
+        (_, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), upd["batch_stats"], opt_state
+
+    params, stats = variables["params"], variables["batch_stats"]
+    opt_state = tx.init(params)
+    for i in range(steps):
+        idx = np.arange(i * 64, (i + 1) * 64) % x_train.shape[0]
+        params, stats, opt_state = step(params, stats, opt_state, x_train[idx], y_train[idx])
+    return model, {"params": params, "batch_stats": stats}, x_train[:128], x_test, y_test
+
+
 @pytest.fixture(scope="module")
 def trained():
     """SmallCNN trained for 300 Adam steps; returns model, variables, train and test data."""

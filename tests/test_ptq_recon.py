@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_ptq import blobs
+from test_ptq import train_on_blobs
 
 from dnq_jax import models, ptq, quant, taps
 from dnq_jax.ptq import reconstruct, rounding
@@ -49,30 +49,7 @@ W2A4 = ptq.QuantSpec(w_bits=2, a_bits=4)
 @pytest.fixture(scope="module")
 def net():
     """ResNetLike trained for 200 Adam steps on the blob task."""
-    x_train, y_train = blobs(0, 2048)
-    x_test, y_test = blobs(1, 1000)
-    model = ResNetLike()
-    variables = jax.jit(model.init)(jax.random.key(0), x_train[:1])
-    tx = optax.adam(optax.cosine_decay_schedule(5e-3, 200))
-
-    @jax.jit
-    def step(params, stats, opt_state, x, y):
-        def loss_fn(p):
-            logits, upd = model.apply(
-                {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
-            )
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
-
-        (_, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), upd["batch_stats"], opt_state
-
-    params, stats = variables["params"], variables["batch_stats"]
-    opt_state = tx.init(params)
-    for i in range(200):
-        idx = np.arange(i * 64, (i + 1) * 64) % x_train.shape[0]
-        params, stats, opt_state = step(params, stats, opt_state, x_train[idx], y_train[idx])
-    return model, {"params": params, "batch_stats": stats}, x_train[:128], x_test, y_test
+    return train_on_blobs(ResNetLike(), 200)
 
 
 @pytest.fixture(scope="module")
