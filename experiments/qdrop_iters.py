@@ -77,6 +77,9 @@ def _plot(path: Path, points: list[dict], cells: list[str], bits: list[str]) -> 
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=cell)
         ax.set_xscale("log")
+        ticks = sorted({p["iters"] for p in points})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("QDrop iterations per block")
         ax.set_ylabel("top-1 (%)")
         ax.set_title(b.upper())
