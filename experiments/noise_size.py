@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dnq_jax import taps  # noqa: E402
-from dnq_jax.dnq import noise, profiler  # noqa: E402
-from dnq_jax.ptq import QuantSpec, calibration  # noqa: E402
+from dnq_jax.dnq import noise  # noqa: E402
+from dnq_jax.ptq import calibration  # noqa: E402
 from dnq_jax.train import builders, evaluate  # noqa: E402
 from dnq_jax.train import config as config_lib  # noqa: E402
 
@@ -39,20 +39,7 @@ def noise_to_error(cell: Path, w_bits: int, a_bits: int) -> dict:
     calib = builders.profiler_images(c, ds)
     graph = taps.trace(model, variables, jnp.zeros((2, *ds.image_shape)), train=False)
     n = c.noise
-    spec = QuantSpec(
-        w_bits=n.w_bits,
-        a_bits=n.a_bits,
-        keep_ends_8bit=c.quant.keep_ends_8bit,
-        a_calibrator=n.calibrator,
-    )
-    prof = profiler.make_profiler(
-        model,
-        graph,
-        spec,
-        w_quantizer=n.w_quantizer,
-        error_sign=n.error_sign,
-    )
-    stats = prof(variables, jnp.asarray(calib))
+    stats = jax.jit(builders.create_profiler(c, model, graph))(variables, jnp.asarray(calib))
     params = variables["params"]
     lam = n.lambda_max * n.w_scale
     key_t, key_prev = noise.step_keys(jax.random.key(0), 1)

@@ -17,7 +17,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dnq_jax import backend, data, models
+from dnq_jax.dnq import profiler
 from dnq_jax.errors import ConfigError, DataError
+from dnq_jax.ptq.spec import QuantSpec
 from dnq_jax.train import optim
 from dnq_jax.train.state import init_key
 
@@ -59,6 +61,21 @@ def profiler_images(c: ml_collections.ConfigDict, ds: data.Dataset) -> np.ndarra
     n = c.noise.n_calib or c.quant.n_calib
     calib = data.calibration_subset(ds, n, c.quant.calib_seed)
     return np.asarray(data.normalize(calib, ds.mean, ds.std))
+
+
+def create_profiler(c: ml_collections.ConfigDict, model, graph):
+    """The run's DNQ profiler (un-jitted): the modelled quantizer of its `noise.*` keys, the
+    evaluation's 8-bit ends; fn(variables, calib_images) -> NoiseStats."""
+    n = c.noise
+    spec = QuantSpec(
+        w_bits=n.w_bits,
+        a_bits=n.a_bits,
+        keep_ends_8bit=c.quant.keep_ends_8bit,
+        a_calibrator=n.calibrator,
+    )
+    return profiler.make_profiler(
+        model, graph, spec, w_quantizer=n.w_quantizer, error_sign=n.error_sign
+    )
 
 
 def compute_dtype(c: ml_collections.ConfigDict):

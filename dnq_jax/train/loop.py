@@ -45,7 +45,6 @@ import orbax.checkpoint as ocp
 from dnq_jax import data, progress, taps
 from dnq_jax.dnq import profiler, ramps
 from dnq_jax.errors import Diverged, Preempted
-from dnq_jax.ptq.spec import QuantSpec
 from dnq_jax.train import builders, checkpoint, evaluate, hosts, metrics, optim
 from dnq_jax.train import config as config_lib
 from dnq_jax.train import results as results_lib
@@ -109,20 +108,7 @@ def train_and_evaluate(
     train_images = builders.put(ds.train_images, sh["data"])
     train_labels = builders.put(ds.train_labels.astype(np.int32), sh["data"])
     calib_images = builders.put(builders.profiler_images(c, ds), sh["replicated"])
-    profile = jax.jit(
-        profiler.make_profiler(
-            model,
-            graph,
-            QuantSpec(
-                w_bits=c.noise.w_bits,
-                a_bits=c.noise.a_bits,
-                keep_ends_8bit=c.quant.keep_ends_8bit,
-                a_calibrator=c.noise.calibrator,
-            ),
-            w_quantizer=c.noise.w_quantizer,
-            error_sign=c.noise.error_sign,
-        )
-    )
+    profile = jax.jit(builders.create_profiler(c, model, graph))
     ema = jax.jit(lambda old, new: profiler.ema_update(old, new, c.noise.ema_decay))
     epoch_indices = jax.jit(
         lambda key: data.epoch_indices(key, ds.num_train, c.optim.batch_size)[:spe],
