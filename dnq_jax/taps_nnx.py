@@ -48,6 +48,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 PyTree = Any
@@ -73,6 +74,8 @@ class _Leaf:
     rel: NNXPath  # path from the owning module to the variable
     collection: str
     name: str  # the variable's Linen name in its module's scope
+    shape: tuple[int, ...]
+    dtype: Any
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -163,7 +166,10 @@ def _plan(model: nnx.Module) -> _Plan:
         path = tuple(path)
         owner = max((p for p in modules if path[: len(p)] == p), key=len)
         rel = path[len(owner) :]
-        owned[owner].append(_Leaf(rel, _collection(var), "_".join(str(q) for q in rel)))
+        name = "_".join(str(q) for q in rel)
+        value = var.value
+        leaf = _Leaf(rel, _collection(var), name, tuple(value.shape), value.dtype)
+        owned[owner].append(leaf)
     nodes = {}
     for path, module in modules.items():
         kind = _kind(module)
@@ -268,16 +274,17 @@ class _Mirror(nn.Module):
                 _TRAIN.reset(token)
 
     def _run(self, node: _Node, args: tuple, kwargs: dict):
-        copy = nnx.merge(node.graphdef, node.abstract)
+        # Fresh Variables, made in the current JAX trace, so that the copy may be written.
+        copy = nnx.merge(node.graphdef, jax.tree_util.tree_map(lambda x: x, node.abstract))
         train = _TRAIN.get()
         _set_train(copy, bool(train))
         owned = []
         for leaf in node.leaves:
             if leaf.collection == "params":
-                value = self.param(leaf.name, _no_init(node, leaf))
+                value = self.param(leaf.name, _zeros(leaf))
                 holder = None
             else:
-                holder = self.variable(leaf.collection, leaf.name, _no_init(node, leaf))
+                holder = self.variable(leaf.collection, leaf.name, _zeros(leaf))
                 value = holder.value
             var = _lookup(copy, leaf.rel)
             var.value = value
@@ -316,14 +323,10 @@ class _Mirror(nn.Module):
         return call
 
 
-def _no_init(node: _Node, leaf: _Leaf):
-    def init(*_):
-        raise NNXBridgeError(
-            f"NNX bridge: {_name(node.path + leaf.rel)} is missing from the variables; the "
-            "Linen view is applied to the variables `as_linen` returned, it is not initialized"
-        )
-
-    return init
+def _zeros(leaf: _Leaf):
+    # Linen checks a stored param's shape against its initializer's; the view is applied
+    # to the variables `as_linen` returns, and `init` of the view fills these with zeros.
+    return lambda *_: jnp.zeros(leaf.shape, leaf.dtype)
 
 
 def variables(model: nnx.Module) -> dict:

@@ -161,6 +161,46 @@ def test_same_error_statistics_and_sharpness(twins):
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-4)
 
 
+class Scale(nnx.Module):  # a module of the user's own, with a parameter of its own
+    def __init__(self, n: int):
+        self.w = nnx.Param(jnp.linspace(0.5, 2.0, n))
+
+    def __call__(self, x):
+        return x * self.w
+
+
+class Mixed(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.l1 = nnx.Linear(8, 16, rngs=rngs)
+        self.ln = nnx.LayerNorm(16, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.scale = Scale(16)
+        self.seq = nnx.Sequential(
+            nnx.Linear(16, 16, rngs=rngs), nnx.relu, nnx.Linear(16, 4, rngs=rngs)
+        )
+
+    def __call__(self, x):
+        return self.seq(self.scale(self.drop(nnx.gelu(self.ln(self.l1(x))))))
+
+
+def test_other_modules_run_their_own_code_under_jit():
+    model = Mixed(nnx.Rngs(0))
+    model.eval()
+    x = jax.random.normal(jax.random.key(1), (32, 8))
+    view, variables = taps_nnx.as_linen(model)
+    assert variables["params"]["scale"]["w"] is model.scale.w.value
+    assert taps.trace(view, variables, x).names == ("l1", "seq/layers_0", "seq/layers_2")
+    apply = jax.jit(lambda v, x, train: view.apply(v, x, train=train, mutable=True)[0],
+                    static_argnums=2)  # fmt: skip
+    np.testing.assert_allclose(apply(variables, x, False), model(x), atol=1e-6)
+    # The module's own parameter is the view's: scaling it changes the output.
+    doubled = jax.tree.map(lambda a: a, variables)
+    doubled["params"]["scale"]["w"] = 2 * variables["params"]["scale"]["w"]
+    assert float(jnp.abs(apply(doubled, x, False) - apply(variables, x, False)).max()) > 1e-3
+    # Training mode drops units (Dropout's own RNG state is a collection of its own).
+    assert float(jnp.abs(apply(variables, x, True) - model(x)).max()) > 1e-3
+
+
 class Stacked(nnx.Module):  # an nnx.vmap-created stack: one Linear with stacked params
     def __init__(self, rngs: nnx.Rngs):
         make = nnx.vmap(lambda r: nnx.Linear(4, 4, rngs=r), in_axes=0, out_axes=0)
