@@ -46,6 +46,13 @@ def test_a_trained_cell_whose_ptq_is_pending_is_parked_with_its_final_variables(
     for rel, text in files.items():
         assert (back / rel).read_text() == text, rel
     assert [p.name for p in (fresh / "cells").iterdir()] == ["evaluating_s0"]  # no leftovers
+    # --keep-final: the finished cell too, final variables and all, for a later grid with
+    # other PTQ settings.
+    assert park.save(wd, parked, keep_final=True) == ["done_s0", "evaluating_s0"]
+    other = tmp_path / "other"
+    assert park.restore(other, parked) == ["done_s0", "evaluating_s0"]
+    assert (other / "cells/done_s0/final/default/array").read_text() == "weights"
+    assert (other / "cells/done_s0/results.json").read_text() == '{"fp32": 60.0}'
 
 
 def test_without_a_grid_report_results_json_marks_a_finished_cell(tmp_path):

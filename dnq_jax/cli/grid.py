@@ -168,6 +168,13 @@ def park_main(argv: list[str] | None, parked_root: Path, description: str = "") 
     argv = sys.argv[1:] if argv is None else list(argv)
     f = flags.FlagValues()
     flags.DEFINE_bool("verbose", False, "Tracebacks for expected errors.", flag_values=f)
+    flags.DEFINE_bool(
+        "keep_final",
+        False,
+        "save: pack finished cells too, with their final variables, for a later grid that "
+        "evaluates them with other PTQ settings.",
+        flag_values=f,
+    )
     prog = "park.py save|restore WORKDIR NAME"
     rest = common.parse_into(f, [prog, *argv])
     if len(rest) != 3 or rest[0] not in ("save", "restore"):
@@ -176,7 +183,10 @@ def park_main(argv: list[str] | None, parked_root: Path, description: str = "") 
         )
         return common.errors.USAGE_EXIT
     action, workdir, name = rest
-    fn = park.save if action == "save" else park.restore
+    if action == "save":
+        fn = lambda w, p: park.save(w, p, keep_final=f.keep_final)
+    else:
+        fn = park.restore
     return common.run_guarded(lambda: fn(Path(workdir), parked_root / name) and 0, f.verbose)
 
 

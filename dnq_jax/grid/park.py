@@ -72,11 +72,13 @@ def _is_donor_archive(archive: Path) -> bool:
     return not any(n.startswith(("checkpoints", "final")) for n in names)
 
 
-def save(workdir: Path, parked: Path) -> list[str]:
+def save(workdir: Path, parked: Path, keep_final: bool = False) -> list[str]:
     """Pack every unfinished cell, and one finished donor per warm-up no unfinished cell
     carries; drop the parked copies of the other finished cells. A cell trained but not yet
     PTQ-evaluated (grid.json lists it as pending) is packed with its final variables and
-    results. Returns the unfinished cells packed."""
+    results. `keep_final`: finished cells are packed like those, final variables and all,
+    for another grid that evaluates them with other PTQ settings (e.g. a training-only pass,
+    then QDrop in a later sitting). Returns the cells packed."""
     out, carried, donors, finished = [], set(), {}, []
     reported = _reported(workdir)
     for cell in sorted((workdir / "cells").glob("*")):
@@ -84,7 +86,7 @@ def save(workdir: Path, parked: Path) -> list[str]:
             continue  # a temporary folder, or not a run
         start = fork.start_state(cell)
         trained = (cell / "results.json").exists()
-        if trained and (reported is None or cell.name in reported):
+        if trained and (reported is None or cell.name in reported) and not keep_final:
             finished.append(cell)
             if start is not None:
                 donors.setdefault(_warmup(cell), (cell, start))
@@ -108,7 +110,7 @@ def _park_unfinished(cell: Path, parked: Path, start: Path | None, trained: bool
     if trained:
         parts = [cell / "final", *sorted(cell.glob("*.json"))]
         parts = [q for q in parts if q.name != "config.json"]
-        what = "trained, its PTQ evaluation not finished"
+        what = "trained: final variables and results"
     elif step is not None:
         parts, what = [step], f"at step {step.name}"
     else:
