@@ -37,10 +37,12 @@ TEST_WORKERS ?= 2
 test: venv fashion-mnist
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not multiprocess" -n $(TEST_WORKERS) --dist loadfile tests
 
-# Two jax.distributed processes on 127.0.0.1 against one process (under a minute on 2 idle
-# cores; the file is named so that pytest does not import the whole suite to select it).
+# Two jax.distributed processes on 127.0.0.1 against one process: the device path (under a
+# minute on 2 idle cores), then the stream (85 s on 2 cores shared with a training run); the
+# files are named so that pytest does not import the whole suite to select them.
 test-multiprocess: venv fashion-mnist
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m multiprocess tests/test_multihost.py
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m multiprocess tests/test_multihost.py \
+	  tests/test_stream_multihost.py
 
 # The checkpoint fault tests again with the lowest orbax-checkpoint pyproject.toml allows
 # (its own venv: the pinned requirements, then that version over them).
@@ -64,6 +66,7 @@ format: venv
 
 bench: venv
 	$(BIN)/python benchmarks/train_speed.py
+	$(BIN)/python benchmarks/input_speed.py
 
 clean:
 	rm -rf $(VENV) demo_out data_cache .pytest_cache

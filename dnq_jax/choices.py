@@ -34,3 +34,9 @@ DECOMPOSITION_TERMS = ("activation", "weight", "cross", "total")
 # Range calibrators of the quantizers.
 WEIGHT_CALIBRATORS = ("minmax", "mse")
 ACTIVATION_CALIBRATORS = ("minmax", "percentile", "mse")
+# Where the data comes from: whole on every device, streamed from its files per host, or
+# chosen by size (docs/data.md).
+DATA_SOURCES = ("auto", "device", "stream")
+# Augmentation recipes (dnq_jax.data.names.recipe): pad-crop (+ flip) on the device, the
+# ImageNet recipe on the host workers, none; auto: the data set's own.
+AUGMENTS = ("auto", "crop_flip", "crop", "inception", "none")

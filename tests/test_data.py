@@ -1,4 +1,5 @@
-"""Tests for dnq_jax.data: loaders on tiny files in the real formats, and the device pipeline."""
+"""Tests for dnq_jax.data: loaders on tiny files in the real formats, and the device pipeline
+(the stream: tests/test_stream.py)."""
 
 import gzip
 import hashlib
@@ -167,7 +168,7 @@ def test_cifar10_jpeg_decodes_and_caches(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although the cache was valid")
 
-    monkeypatch.setattr(data, "_decode_jpeg", no_decoding)
+    monkeypatch.setattr(data.resident, "_decode_jpeg", no_decoding)
     again = data.load("cifar10_jpeg", npz_path=str(npz), data_dir=str(cache), verify=False)
     np.testing.assert_array_equal(again.train_images, ds.train_images)
     np.testing.assert_array_equal(again.mean, ds.mean)
@@ -289,7 +290,7 @@ def test_tfds_through_data_source_without_tensorflow(name, classes, shape):
 def test_fashion_mnist_falls_back_to_tfds(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "not_installed"))
+    monkeypatch.setattr(data.resident, "FASHION_MNIST_DIR", str(tmp_path / "not_installed"))
     with tfds.testing.mock_data(num_examples=5):
         ds = data.load("fashion_mnist")
     assert (ds.num_train, ds.image_shape) == (5, (28, 28, 1))

@@ -67,10 +67,23 @@ def test_registry_names():
         "resnet56",
         "resnet18",
         "resnet50",
+        "resnet18_imagenet",
+        "resnet50_imagenet",
         "mobilenet_v2",
         "mobilenet_v1",
         "vgg16_bn",
     }
+
+
+@pytest.mark.parametrize(
+    "name, published", [("resnet18_imagenet", 11_689_512), ("resnet50_imagenet", 25_557_032)]
+)
+def test_imagenet_resnets_have_torchvision_s_parameter_count(name, published):
+    """The ImageNet form (7x7 stride-2 stem, max-pool) at 1000 classes: torchvision's
+    resnet18 / resnet50 counts exactly."""
+    variables, logits, _ = _abstract(name, (2, 224, 224, 3), num_classes=1000)
+    assert _count(variables["params"]) == published
+    assert logits.shape == (2, 1000)
 
 
 @pytest.mark.parametrize("shape", [CIFAR, FMNIST], ids=["cifar", "fmnist"])

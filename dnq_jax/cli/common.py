@@ -111,7 +111,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def print_error(kind: str, message: str, verbose: bool) -> None:
-    msg = textwrap.fill(f"error ({kind}): {message}", width=100, break_long_words=False)
+    # Breaking only at spaces keeps a path or a command whole (copied, it still works).
+    msg = textwrap.fill(
+        f"error ({kind}): {message}", width=100, break_long_words=False, break_on_hyphens=False
+    )
     print(msg + ("" if verbose else "\n(run with --verbose for the traceback)"), file=sys.stderr)
 
 

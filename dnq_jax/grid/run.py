@@ -24,8 +24,11 @@ from dnq_jax.train import results
 
 
 def _data_key(c: ml_collections.ConfigDict) -> tuple:
-    d, r = c.data, c.runtime
-    return (d.name, d.limit_train, d.limit_test, r.npz_path, r.data_dir, r.tfds_data_dir)
+    """What decides a cell's data set: cells alike in it share one loaded copy."""
+    r = c.runtime
+    files = (r.npz_path, r.data_dir, r.tfds_data_dir, r.image_folder)
+    path = (r.data_source, r.device_data_fraction, r.data_workers)
+    return (*sorted(c.data.to_dict().items()), *files, *path)
 
 
 def _eval_settings(cell: Cell, method: str, iters: int):

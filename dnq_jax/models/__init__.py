@@ -18,7 +18,15 @@ import jax.numpy as jnp
 
 from dnq_jax.models.layers import Dtype, check_positive
 from dnq_jax.models.mobilenet import MobileNetV1, MobileNetV2, mobilenet_v1, mobilenet_v2
-from dnq_jax.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
+from dnq_jax.models.resnet import (
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+    resnet18,
+    resnet18_imagenet,
+    resnet50,
+    resnet50_imagenet,
+)
 from dnq_jax.models.resnet_cifar import cifar_resnet, resnet8, resnet20, resnet32, resnet56
 from dnq_jax.models.vgg import VGG, vgg16_bn
 
@@ -29,6 +37,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet56": resnet56,
     "resnet18": resnet18,
     "resnet50": resnet50,
+    "resnet18_imagenet": resnet18_imagenet,
+    "resnet50_imagenet": resnet50_imagenet,
     "mobilenet_v2": mobilenet_v2,
     "mobilenet_v1": mobilenet_v1,
     "vgg16_bn": vgg16_bn,
@@ -79,9 +89,11 @@ __all__ = [
     "mobilenet_v2",
     "names",
     "resnet18",
+    "resnet18_imagenet",
     "resnet20",
     "resnet32",
     "resnet50",
+    "resnet50_imagenet",
     "resnet56",
     "vgg16_bn",
 ]

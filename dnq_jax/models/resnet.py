@@ -1,4 +1,6 @@
-"""ResNet (He et al. 2016) in its CIFAR form: 3x3 stride-1 stem, no max-pool.
+"""ResNet (He et al. 2016) in its CIFAR form (3x3 stride-1 stem, no max-pool) and its
+ImageNet form (7x7 stride-2 stem, 3x3 stride-2 max-pool: a quarter of the side before the
+first stage, for 224-pixel images).
 
 One generic :class:`ResNet` serves both families: ResNet-18/50 here (64..512 channels, four
 stages) and the 3-stage CIFAR ResNet-20/32/56 in :mod:`resnet_cifar`. Where a block changes
@@ -95,7 +97,9 @@ class ResNet(nn.Module):
       widths: block width of each stage (a bottleneck's output is ``4 * width``).
       num_classes: size of the logits.
       block: :class:`BasicBlock` or :class:`Bottleneck`.
-      stem_width: output channels of the 3x3 stride-1 stem conv.
+      stem_width: output channels of the stem conv.
+      stem: "cifar" (3x3 stride-1 conv) or "imagenet" (7x7 stride-2 conv, then a 3x3
+        stride-2 max-pool).
       dtype: compute dtype; parameters stay float32 and logits are returned in float32.
 
     Every stage except the first halves the spatial size in its first block. Layer paths read
@@ -107,6 +111,7 @@ class ResNet(nn.Module):
     num_classes: int
     block: type[nn.Module] = BasicBlock
     stem_width: int = 64
+    stem: str = "cifar"
     dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
@@ -121,28 +126,37 @@ class ResNet(nn.Module):
             check_positive("widths", w, integer=True)
         check_positive("num_classes", self.num_classes, integer=True)
         check_positive("stem_width", self.stem_width, integer=True)
+        if self.stem not in _STEMS:
+            raise ValueError(f"stem must be one of {_STEMS}, got {self.stem!r}")
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits (float32) for an NHWC image batch of any size and channel count."""
         check_images(x)
+        imagenet = self.stem == "imagenet"
         x = conv_bn(
             x,
             self.stem_width,
-            3,
+            7 if imagenet else 3,
+            strides=2 if imagenet else 1,
             train=train,
             dtype=self.dtype,
             conv_name="stem_conv",
             bn_name="stem_bn",
             act=nn.relu,
         )
+        if imagenet:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for i, (n_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for j in range(n_blocks):
                 strides = 2 if i > 0 and j == 0 else 1
                 name = f"stage{i + 1}_block{j}"
                 x = self.block(width, strides=strides, dtype=self.dtype, name=name)(x, train)
         return classifier_head(x, self.num_classes, dtype=self.dtype)
+
+
+_STEMS = ("cifar", "imagenet")
 
 
 def resnet18(*, num_classes: int, dtype: Dtype = jnp.float32) -> ResNet:
@@ -153,3 +167,15 @@ def resnet18(*, num_classes: int, dtype: Dtype = jnp.float32) -> ResNet:
 def resnet50(*, num_classes: int, dtype: Dtype = jnp.float32) -> ResNet:
     """ResNet-50, CIFAR variant (23.5M parameters with 10 classes)."""
     return ResNet((3, 4, 6, 3), (64, 128, 256, 512), num_classes, Bottleneck, dtype=dtype)
+
+
+def resnet18_imagenet(*, num_classes: int, dtype: Dtype = jnp.float32) -> ResNet:
+    """ResNet-18, ImageNet form (11.69M parameters with 1000 classes, as published)."""
+    blocks, widths = (2, 2, 2, 2), (64, 128, 256, 512)
+    return ResNet(blocks, widths, num_classes, BasicBlock, stem="imagenet", dtype=dtype)
+
+
+def resnet50_imagenet(*, num_classes: int, dtype: Dtype = jnp.float32) -> ResNet:
+    """ResNet-50, ImageNet form (25.56M parameters with 1000 classes, as published)."""
+    blocks, widths = (3, 4, 6, 3), (64, 128, 256, 512)
+    return ResNet(blocks, widths, num_classes, Bottleneck, stem="imagenet", dtype=dtype)

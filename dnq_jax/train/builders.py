@@ -6,6 +6,7 @@ the loop in `loop.py` calls them in order, so its call sites show what depends o
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -20,32 +21,62 @@ from dnq_jax import backend, data, models
 from dnq_jax.dnq import profiler
 from dnq_jax.errors import ConfigError, DataError
 from dnq_jax.ptq.spec import QuantSpec
-from dnq_jax.train import optim
+from dnq_jax.train import hosts, optim
 from dnq_jax.train.state import init_key
 
 PyTree = Any
 
 
-def load_dataset(c: ml_collections.ConfigDict) -> data.Dataset:
-    """The config's dataset; a DataError says which config keys chose the files."""
+def load_dataset(c: ml_collections.ConfigDict) -> data.Dataset | data.Stream:
+    """The config's data set, device-resident or streamed as `runtime.data_source` decides
+    (logged); a DataError says which config keys chose the files. A stream's image folder is
+    checked here (each process a share of the files) and its normalisation statistics
+    computed, so a bad file stops the run before it starts."""
+    r = c.runtime
     try:
-        return data.load(
+        ds, how = data.open_dataset(
             c.data.name,
-            data_dir=c.runtime.data_dir or None,
-            npz_path=c.runtime.npz_path or None,
-            tfds_data_dir=c.runtime.tfds_data_dir or None,
+            source=r.data_source,
+            device_fraction=r.device_data_fraction,
+            image_size=c.data.image_size,
+            augment=c.data.augment,
+            val_split=c.data.val_split,
+            image_folder=r.image_folder,
+            tfds_data_dir=r.tfds_data_dir or None,
+            data_dir=r.data_dir or None,
+            npz_path=r.npz_path or None,
             limit_train=c.data.limit_train or None,
             limit_test=c.data.limit_test or None,
+            workers=data_workers(c),
+            check_share=(jax.process_index(), jax.process_count()),
         )
+        if isinstance(ds, data.Stream):
+            ds.stats()
     except DataError as e:
+        keys = _FILE_KEYS
+        if data.streams(c.data.name):
+            keys = "runtime.image_folder" if c.data.name == "folder" else "runtime.tfds_data_dir"
         raise DataError(
-            f"data.name={c.data.name}: {e}. The files come from the config keys "
-            "runtime.npz_path, runtime.data_dir and runtime.tfds_data_dir: point them at a "
-            "good copy."
+            f"data.name={c.data.name}: {str(e).rstrip('.')}. The files come from the config "
+            f"keys {keys}."
         ) from e
+    hosts.log(f"dnq_jax: data: {how}")
+    return ds
 
 
-def steps_per_epoch(c: ml_collections.ConfigDict, ds: data.Dataset) -> int:
+_FILE_KEYS = (
+    "runtime.npz_path, runtime.data_dir and runtime.tfds_data_dir: point them at a good copy"
+)
+
+
+def data_workers(c: ml_collections.ConfigDict) -> int:
+    """`runtime.data_workers`, -1 resolved: the host's cores minus 2 (the trainer's), at
+    most 64 (each worker is a Python process with its own imports)."""
+    n = c.runtime.data_workers
+    return n if n >= 0 else max(0, min(64, (os.cpu_count() or 1) - 2))
+
+
+def steps_per_epoch(c: ml_collections.ConfigDict, ds) -> int:
     spe = c.optim.steps_per_epoch or ds.num_train // c.optim.batch_size
     if spe < 1 or spe * c.optim.batch_size > ds.num_train:
         raise ConfigError(
@@ -55,7 +86,7 @@ def steps_per_epoch(c: ml_collections.ConfigDict, ds: data.Dataset) -> int:
     return spe
 
 
-def profiler_images(c: ml_collections.ConfigDict, ds: data.Dataset) -> np.ndarray:
+def profiler_images(c: ml_collections.ConfigDict, ds) -> np.ndarray:
     """The profiler's fixed calibration images, normalised: `noise.n_calib` of them (0: the
     evaluation's `quant.n_calib`), drawn with `quant.calib_seed`."""
     n = c.noise.n_calib or c.quant.n_calib

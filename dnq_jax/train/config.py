@@ -22,6 +22,8 @@ import ml_collections
 
 from dnq_jax.choices import (
     ACT_SITES,
+    AUGMENTS,
+    DATA_SOURCES,
     DISTS,
     ERROR_SIGNS,
     LOOPS,
@@ -155,10 +157,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     from dnq_jax import data, models  # the registries of the lower floors
 
     _one_of(c, "model.name", models.names())
-    _one_of(c, "data.name", data.NAMES)
+    known = f"{', '.join(data.NAMES)}, or {data.TFDS_PREFIX}BUILDER"
+    _check(data.known(c.data.name), "data.name", f"unknown {c.data.name!r}; choose from {known}")
     for key in ("data.limit_train", "data.limit_test", "runtime.num_devices", "eval.iters"):
         _check(flat(c)[key] >= 0, key, f"must be >= 0, got {flat(c)[key]}")
     o, n, s, e, r = c.optim, c.noise, c.swa, c.eval, c.runtime
+    _validate_data(c)
     _check(c.model.width > 0, "model.width", f"must be positive, got {c.model.width}")
     _one_of(c, "model.dtype", DTYPES)
     _check(o.num_epochs >= 1, "optim.num_epochs", f"must be positive, got {o.num_epochs}")
@@ -232,6 +236,44 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
             "optim.batch_size",
             f"{o.batch_size} is not divisible by the {num_devices} devices in use",
         )
+
+
+def _validate_data(c: ml_collections.ConfigDict) -> None:
+    """The data keys: the source, the recipe and the folder fit the data set."""
+    from dnq_jax import data
+
+    d, r = c.data, c.runtime
+    _one_of(c, "data.augment", AUGMENTS)
+    _one_of(c, "runtime.data_source", DATA_SOURCES)
+    size = d.image_size
+    _check(size == 0 or size >= 8, "data.image_size", f"must be 0 (the set's own) or >= 8: {size}")
+    _check(0 <= d.val_split < 1, "data.val_split", f"must be in [0, 1), got {d.val_split}")
+    frac = r.device_data_fraction
+    _check(0 < frac <= 1, "runtime.device_data_fraction", f"must be in (0, 1], got {frac}")
+    _check(r.data_workers >= -1, "runtime.data_workers", "must be >= 0, or -1 (automatic)")
+    _check(
+        d.name != "folder" or bool(r.image_folder),
+        "runtime.image_folder",
+        "data.name=folder reads the image folder this key names; it is empty",
+    )
+    streams = data.streams(d.name)
+    _check(
+        streams or r.data_source != "stream",
+        "runtime.data_source",
+        f"data.name={d.name} is read whole from its files (no streaming form); use auto or device",
+    )
+    inception = data.recipe(d.name, d.augment) == "inception"
+    _check(
+        not inception or streams,
+        "data.augment",
+        f"inception runs on the stream's host workers; data.name={d.name} is not streamed",
+    )
+    _check(
+        not inception or r.data_source != "device",
+        "runtime.data_source",
+        "device: the inception recipe (data.augment) runs on the stream's host workers; use "
+        "auto or stream, or data.augment=crop_flip",
+    )
 
 
 def flat(c: ml_collections.ConfigDict | dict) -> dict:

@@ -45,17 +45,38 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     (
         "model.name",
         "resnet20",
-        "zoo name: resnet8/20/32/56, resnet18/50, mobilenet_v1/v2, vgg16_bn",
+        "zoo name: resnet8/20/32/56, resnet18/50 (CIFAR stem), resnet18_imagenet/"
+        "resnet50_imagenet (7x7 stem + max-pool), mobilenet_v1/v2, vgg16_bn",
     ),
     ("model.width", 1.0, "width multiplier (mobilenet_v2 only)"),
     ("model.dtype", "float32", "compute dtype: float32 or bfloat16 (params stay float32)"),
     (
         "data.name",
         "cifar10_jpeg",
-        "cifar10_jpeg, fashion_mnist, cifar10, cifar100, mnist, synthetic",
+        "cifar10_jpeg, fashion_mnist, cifar10, cifar100, mnist, synthetic, imagenet2012, "
+        "folder (runtime.image_folder), tfds:BUILDER (any TFDS ArrayRecord build)",
     ),
     ("data.limit_train", 0, "use a fixed sample of N training images (0 = all)"),
     ("data.limit_test", 0, "use a fixed sample of N test images (0 = all)"),
+    (
+        "data.image_size",
+        0,
+        "side of the square images the model sees (0: the set's own, CIFAR 32, MNIST 28; 224 "
+        "for folders and ImageNet)",
+    ),
+    (
+        "data.augment",
+        "auto",
+        "crop_flip / crop (pad-crop, flip, on the device), inception (random-resized crop + "
+        "flip on the stream's host workers), none; auto: CIFAR crop_flip, MNIST-like crop, "
+        "folders and TFDS builds inception",
+    ),
+    (
+        "data.val_split",
+        0.1,
+        "an image folder without val/: this fraction of each class is held out for "
+        "evaluation (a seeded draw)",
+    ),
     ("optim.num_epochs", 400, "epochs"),
     ("optim.steps_per_epoch", 0, "0 = num_train // batch_size"),
     ("optim.batch_size", 64, "global batch (split over devices)"),
@@ -153,4 +174,19 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     ("runtime.npz_path", "", "cifar10_jpeg file ('' = ../shared/data/ beside the repository)"),
     ("runtime.data_dir", "", "decoded-data cache ('' = ./data_cache)"),
     ("runtime.tfds_data_dir", "", "TFDS data_dir ('' = the TFDS default)"),
+    ("runtime.image_folder", "", "the image folder of data.name=folder (docs/data.md)"),
+    (
+        "runtime.data_source",
+        "auto",
+        "device (whole set on every device), stream (read per host by Grain workers), auto "
+        "(device when its copy fits runtime.device_data_fraction of one device's memory and "
+        "the augmentation runs on the device)",
+    ),
+    ("runtime.device_data_fraction", 0.25, "auto's share of one device's memory for the data"),
+    (
+        "runtime.data_workers",
+        -1,
+        "stream: worker processes per host decoding and augmenting (0: two threads of the "
+        "trainer; -1: the host's cores minus 2, at most 64)",
+    ),
 )

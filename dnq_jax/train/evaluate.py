@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -61,13 +62,49 @@ bits_name = config_lib.bits_name
 
 
 def make_accuracy_fn(model, batch_size: int):
-    """fn(variables, images, labels) -> top-1 %; one compiled forward reused across calls."""
+    """fn(variables, images, labels) -> top-1 %; one compiled forward reused across calls.
+
+    ``fn(variables, batches)``: over an iterable of (normalised images, labels) batches
+    instead, labels -1 marking padding (a streamed test split, `batches_accuracy`).
+    """
     apply = jax.jit(lambda variables, x: model.apply(variables, x, train=False))
 
-    def accuracy(variables, images, labels) -> float:
-        return ptq.accuracy(lambda x: apply(variables, x), images, labels, batch_size=batch_size)
+    def accuracy(variables, images, labels=None) -> float:
+        fn = lambda x: apply(variables, x)
+        if labels is None:
+            return batches_accuracy(fn, images)
+        return ptq.accuracy(fn, images, labels, batch_size=batch_size)
 
     return accuracy
+
+
+def batches_accuracy(fn, batches) -> float:
+    """Top-1 % of ``fn(images)`` logits over (images, labels) batches; labels < 0 are
+    padding, not counted. Works on global arrays split over devices as on host arrays."""
+    correct = total = 0
+    for x, y in batches:
+        hit = (jnp.argmax(fn(x), axis=-1) == y) & (y >= 0)
+        correct += int(jnp.sum(hit))
+        total += int(jnp.sum(y >= 0))
+    return 100.0 * correct / max(total, 1)
+
+
+def _test_batches(ds, batch_size: int):
+    """A stream's test split in batches of `batch_size` on this process's default device,
+    normalised, the last padded (labels -1), each process reading all of it."""
+    n = ds.num_test
+    rows = np.arange(-(-n // batch_size) * batch_size)
+    rows[rows >= n] = -1
+    for images, labels in ds.batches("test", rows.reshape(-1, batch_size)):
+        yield data.normalize(jnp.asarray(images), ds.mean, ds.std), labels
+
+
+def _top1(fn, ds, test_x, batch_size: int) -> float:
+    """Test top-1 % of `fn`: on the normalised test images `test_x`, or, for a stream
+    (`test_x` None), on its test split read in batches."""
+    if test_x is None:
+        return batches_accuracy(fn, _test_batches(ds, batch_size))
+    return ptq.accuracy(fn, test_x, ds.test_labels, batch_size=batch_size)
 
 
 def evaluate_variables(
@@ -87,7 +124,9 @@ def evaluate_variables(
     methods = config_lib.ptq_methods()
     if settings.method not in methods:
         raise ConfigError(f"eval.method: unknown {settings.method!r}; choose from {methods}")
-    test_x = np.asarray(data.normalize(ds.test_images, ds.mean, ds.std))
+    # A stream's test split is read batch by batch for each model, never whole.
+    streamed = isinstance(ds, data.Stream)
+    test_x = None if streamed else np.asarray(data.normalize(ds.test_images, ds.mean, ds.std))
     calib = data.calibration_subset(ds, settings.n_calib, settings.calib_seed)
     calib_x = np.asarray(data.normalize(calib, ds.mean, ds.std))
     recon = None  # RTN; a reconstruction method's iterations (0: its default) and bar
@@ -99,8 +138,8 @@ def evaluate_variables(
     bar = progress_lib.bar(
         1 + len(settings.bits), desc="PTQ eval", disable=not progress, unit="cfg"
     )
-    fp32 = make_accuracy_fn(model, settings.batch_size)
-    results["fp32"] = fp32(variables, test_x, ds.test_labels)
+    apply = jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+    results["fp32"] = _top1(lambda x: apply(variables, x), ds, test_x, settings.batch_size)
     bar.update(1)
     for wb, ab in settings.bits:
         spec = ptq.QuantSpec(
@@ -110,9 +149,7 @@ def evaluate_variables(
             a_calibrator=settings.calibrator,
         )
         qm = ptq.quantize(model, variables, calib_x, spec, method=settings.method, recon=recon)
-        results[bits_name(wb, ab)] = ptq.accuracy(
-            qm, test_x, ds.test_labels, batch_size=settings.batch_size
-        )
+        results[bits_name(wb, ab)] = _top1(qm, ds, test_x, settings.batch_size)
         if export_dir is not None:
             _export(qm, export_dir, ds, test_x, results[bits_name(wb, ab)], settings)
         if settings.method != "rtn":
@@ -136,7 +173,7 @@ def _export(qm, directory: str, ds: data.Dataset, test_x, top1: float, settings)
     formula = "(uint8_image / 255 - mean) / std, per channel"
     normalization = {"mean": ds.mean, "std": ds.std, "formula": formula}
     for out in export_all(qm, directory, normalization=normalization):
-        checked = ptq.accuracy(load(out), test_x, ds.test_labels, batch_size=settings.batch_size)
+        checked = _top1(load(out), ds, test_x, settings.batch_size)
         print(f"export {out}, top-1 {checked:.2f} (in-process {top1:.2f})", flush=True)
 
 

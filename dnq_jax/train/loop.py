@@ -17,16 +17,21 @@ loss or gradient stops the run (`Diverged`) keeping the last good checkpoint, or
 `runtime.rollback_on_nan`, restores it and continues with lambda halved (at most
 `MAX_ROLLBACKS` times).
 
+Where the batches come from (`feed.py`, docs/data.md): on the device path each process
+loads the whole (small) data set and keeps it replicated on its devices; the batch indices
+come from the same key everywhere, split over 'data', so each device gathers its part of the
+global batch from its own replica. On the streamed path (data that does not fit a device:
+ImageNet, image folders) each process reads its part of each global batch, in the order of
+the same indices, through a Grain pipeline on its own host, and the global batch is
+assembled from the processes' parts; a resume restarts it at the checkpoint's step.
+
 Several processes (`jax.distributed`, one per host): each runs this same loop on its own
-devices of the one global mesh. Each loads the whole (small) data set and keeps it replicated
-on its devices; the batch indices come from the same key everywhere, split over 'data', so
-each device gathers its part of the global batch from its own replica (no host input
-pipeline to feed). Process 0 alone writes the workdir, logs and shows progress; a signal
-seen by any process stops all of them after the same chunk, and all save that step. An error
-in host work (the workdir probes and writes, the resume check, the data, the final
-evaluation) is agreed (`hosts.agreed`): every process raises it and exits with the same
-status. Divergence needs no agreement: the finiteness flags are global values, the same on
-every process, so all stop (or roll back) at the same step.
+devices of the one global mesh. Process 0 alone writes the workdir, logs and shows
+progress; a signal seen by any process stops all of them after the same chunk, and all save
+that step. An error in host work (the workdir probes and writes, the resume check, the data,
+the final evaluation) is agreed (`hosts.agreed`): every process raises it and exits with the
+same status. Divergence needs no agreement: the finiteness flags are global values, the same
+on every process, so all stop (or roll back) at the same step.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from dnq_jax.dnq import profiler, ramps
 from dnq_jax.errors import Diverged, Preempted
 from dnq_jax.train import builders, checkpoint, evaluate, hosts, metrics, optim
 from dnq_jax.train import config as config_lib
+from dnq_jax.train import feed as feed_lib
 from dnq_jax.train import results as results_lib
 from dnq_jax.train import step as step_lib
 from dnq_jax.train import workdir as workdir_lib
@@ -57,7 +63,9 @@ MAX_ROLLBACKS = 4
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, dataset: data.Dataset | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    dataset: data.Dataset | data.Stream | None = None,
 ) -> dict:
     """Train per `config` in `workdir` (resuming if a checkpoint is there) and evaluate.
 
@@ -97,25 +105,19 @@ def train_and_evaluate(
         hosts.log(f"dnq_jax: resumed from step {int(state.step)} in {wd}")
     workdir_lib.write_config(wd, c)
 
-    # --- Compiled functions and device-resident data.
-    settings = step_lib.StepSettings.from_config(c, ds.name, spe)
+    # --- Compiled functions, and where the batches come from: device-resident data or the
+    # stream (feed.py); the step is the same.
+    settings = step_lib.StepSettings.from_config(c, ds.name, spe, ds.image_shape[0])
     mean, std = jnp.asarray(ds.mean), jnp.asarray(ds.std)
     dtype = builders.compute_dtype(c)
     train_step = step_lib.make_train_step(model, graph, tx, settings, mean, std, dtype)
     scan = builders.scans_steps(c)
-    chunk_fn = step_lib.make_chunk_fn(train_step, scan=scan, shardings=sh)
-    chunk_steps = c.runtime.chunk_steps or (spe if scan else 1)
-    train_images = builders.put(ds.train_images, sh["data"])
-    train_labels = builders.put(ds.train_labels.astype(np.int32), sh["data"])
+    feed = feed_lib.make_feed(c, ds, mesh, sh, spe)
+    chunk_fn = step_lib.make_chunk_fn(train_step, scan=scan, shardings=sh, streamed=feed.streamed)
+    chunk_steps = c.runtime.chunk_steps or (spe if scan and not feed.streamed else 1)
     calib_images = builders.put(builders.profiler_images(c, ds), sh["replicated"])
     profile = jax.jit(builders.create_profiler(c, model, graph))
     ema = jax.jit(lambda old, new: profiler.ema_update(old, new, c.noise.ema_decay))
-    epoch_indices = jax.jit(
-        lambda key: data.epoch_indices(key, ds.num_train, c.optim.batch_size)[:spe],
-        out_shardings=sh["idx"],
-    )
-    # Kept on device: the per-epoch evaluation moves no images from the host.
-    test_images = data.normalize(builders.put(ds.test_images, sh["replicated"]), mean, std)
     accuracy = evaluate.make_accuracy_fn(model, c.eval.batch_size)
     writer = metrics.MetricWriter(wd)
 
@@ -140,17 +142,15 @@ def train_and_evaluate(
                 fresh = profile(state.variables(), calib_images)
                 state = state.replace(noise_stats=ema(state.noise_stats, fresh))
             lam = noise_lambda(c, epoch) * float(state.lam_scale)
-            idx = epoch_indices(jax.random.fold_in(sub_key(root_key(state), KEY_SHUFFLE), epoch))
+            key = jax.random.fold_in(sub_key(root_key(state), KEY_SHUFFLE), epoch)
             outs = []
-            for a in range(first, spe, chunk_steps):
-                b = min(a + chunk_steps, spe)
-                state, m = chunk_fn(
-                    state, train_images, train_labels, idx[a:b], jnp.float32(lam), noise_on
-                )
-                outs.append(m)
-                bar.update(b - a)
-                if stop.agree() is not None:
-                    break
+            with contextlib.closing(feed.epoch(key, epoch, first, chunk_steps)) as batches:
+                for steps, batch in batches:
+                    state, m = chunk_fn(state, *batch, jnp.float32(lam), noise_on)
+                    outs.append(m)
+                    bar.update(steps)
+                    if stop.agree() is not None:
+                        break
             m = jax.device_get(outs)  # one host transfer per epoch (or interrupted epoch)
             m = {k: np.concatenate([np.atleast_1d(x[k]) for x in m]) for k in m[0]}
             if not m["finite"].all():
@@ -172,9 +172,7 @@ def train_and_evaluate(
             row.update({k: float(v) for k, v in summary.items()})
             last = epoch + 1 == num_epochs
             if (epoch + 1) % c.eval.every_epochs == 0 or last:
-                row["test_acc"] = last_acc = accuracy(
-                    state.variables(), test_images, ds.test_labels
-                )
+                row["test_acc"] = last_acc = feed.test_accuracy(accuracy, state.variables())
             writer.write(int(state.step), row)
             shown = {"loss": f"{row['train_loss']:.3f}", "lam": f"{lam:.2f}"}
             if last_acc is not None:

@@ -188,16 +188,20 @@ def make_batch_moments(
 
 
 def bn_batches(ds, batch_size: int, key: jax.Array):
-    """One pass over `ds`'s training images (an `data.Dataset`), unaugmented and normalised,
-    in batches of `batch_size` drawn in a shuffled order from `key`.
+    """One pass over `ds`'s training images (a `data.Dataset` or `data.Stream`), unaugmented
+    and normalised, in batches of `batch_size` drawn in a shuffled order from `key`.
 
     Shuffled because a stored order can be sorted by class (the CIFAR-10 file is): a one-class
     batch's statistics are the class's, and their average misses the between-class part of
     every variance (and, with BN in train mode, every later layer's input is then wrong too).
     """
-    idx = np.asarray(data.epoch_indices(key, ds.num_train, batch_size))
-    for rows in idx:
-        yield data.normalize(jnp.asarray(ds.train_images[np.sort(rows)]), ds.mean, ds.std)
+    rows = np.sort(np.asarray(data.epoch_indices(key, ds.num_train, batch_size)), axis=1)
+    if isinstance(ds, data.Stream):  # read by its workers, as the training batches are
+        for images, _ in ds.batches("train", rows):
+            yield data.normalize(jnp.asarray(images), ds.mean, ds.std)
+        return
+    for r in rows:
+        yield data.normalize(jnp.asarray(ds.train_images[r]), ds.mean, ds.std)
 
 
 def recompute_batch_stats(

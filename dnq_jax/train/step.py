@@ -1,6 +1,7 @@
 """The jitted, sharded train step of DNQ (and of every ablation), and chunks of steps.
 
-One pure step: gather the batch from device-resident data, augment it, draw this step's
+One pure step: gather the batch from device-resident data (or take the streamed batch as it
+comes), augment it, draw this step's
 differential weight noise and activation drop-in from keys folded from the step number, take
 the gradient at the noisy point and apply it to the latent (clean) weights. Steps run in
 chunks: `lax.scan` on GPU/TPU (one dispatch per chunk) and straight-line code on CPU.
@@ -54,7 +55,11 @@ class StepSettings:
     flip: bool = False
 
     @classmethod
-    def from_config(cls, c, dataset_name: str, steps_per_epoch: int = 0) -> StepSettings:
+    def from_config(
+        cls, c, dataset_name: str, steps_per_epoch: int = 0, image_size: int | None = None
+    ) -> StepSettings:
+        """The step of config `c`; `image_size`: the side of the images (the padding of an
+        explicit crop recipe is an eighth of it)."""
         n = c.noise
         return cls(
             weight_noise=n.weight,
@@ -69,7 +74,7 @@ class StepSettings:
             steps_per_epoch=int(steps_per_epoch),
             label_smoothing=c.optim.label_smoothing,
             sam=bool(c.optim.sam),
-            **data.augment_config(dataset_name),
+            **data.augment_config(dataset_name, c.data.augment, image_size),
         )
 
 
@@ -91,6 +96,9 @@ def make_train_step(
 ) -> Callable:
     """fn(state, images_u8, labels, idx_b, lam, noise_on) -> (state, metrics) for one step.
 
+    The batch is ``images_u8[idx_b], labels[idx_b]`` (device-resident data), or with
+    ``idx_b=None`` the arrays themselves (a streamed batch).
+
     `noise_on` is a Python bool (static): the warm-up compiles a step without any noise op.
     With `s.leftover` the last step of each epoch updates the perturbed weights instead of
     the latent ones (its perturbation stays in the stored weights, as in the authors' code,
@@ -109,7 +117,7 @@ def make_train_step(
     def step(state: TrainState, images_u8, labels, idx_b, lam, noise_on: bool):
         root, t = root_key(state), state.step
         k_t, k_prev = noise.step_keys(sub_key(root, KEY_WEIGHT_NOISE), t)
-        x, y = images_u8[idx_b], labels[idx_b]
+        x, y = (images_u8, labels) if idx_b is None else (images_u8[idx_b], labels[idx_b])
         if s.pad or s.flip:
             aug_key = jax.random.fold_in(sub_key(root, KEY_AUGMENT), t)
             x = data.augment(aug_key, x, pad=s.pad, flip=s.flip)
@@ -192,28 +200,44 @@ def _max_abs(tree: PyTree) -> jax.Array:
     return jnp.max(jnp.abs(jnp.concatenate(leaves))) if leaves else jnp.zeros([], jnp.float32)
 
 
-def make_chunk_fn(step: Callable, scan: bool, shardings: dict | None = None) -> Callable:
+def make_chunk_fn(
+    step: Callable, scan: bool, shardings: dict | None = None, streamed: bool = False
+) -> Callable:
     """jit(fn(state, images_u8, labels, idx (K, B), lam, noise_on) -> (state, metrics (K,))).
 
     The K steps run in one rolled `lax.scan` (`scan=True`, for GPU/TPU) or as straight-line
     code (for XLA:CPU, which runs convolutions inside any loop, even a scan unrolled, about
     10x slower). The state argument is donated. `shardings` (optional) gives the 'state',
     'data', 'idx' and 'replicated' NamedShardings.
+
+    `streamed`: fn(state, images_u8 (K, B, ...), labels (K, B), lam, noise_on), the K
+    batches themselves (the stream's), split over 'data' like `idx`.
     """
 
     def chunk(state, images_u8, labels, idx, lam, noise_on):
         body = lambda st, idx_b: step(st, images_u8, labels, idx_b, lam, noise_on)
-        if scan:
-            return jax.lax.scan(body, state, idx)
-        outs = []
-        for k in range(idx.shape[0]):
-            state, m = body(state, idx[k])
-            outs.append(m)
-        return state, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+        return _steps(body, state, idx, idx.shape[0], scan)
 
-    kwargs: dict = {"static_argnums": (5,), "donate_argnums": (0,)}
+    def streamed_chunk(state, images_u8, labels, lam, noise_on):
+        body = lambda st, batch: step(st, *batch, None, lam, noise_on)
+        return _steps(body, state, (images_u8, labels), labels.shape[0], scan)
+
+    static = 4 if streamed else 5
+    kwargs: dict = {"static_argnums": (static,), "donate_argnums": (0,)}
     if shardings is not None:
         sh = shardings
-        kwargs["in_shardings"] = (sh["state"], sh["data"], sh["data"], sh["idx"], sh["replicated"])
+        data_sh = (sh["idx"], sh["idx"]) if streamed else (sh["data"], sh["data"], sh["idx"])
+        kwargs["in_shardings"] = (sh["state"], *data_sh, sh["replicated"])
         kwargs["out_shardings"] = (sh["state"], sh["replicated"])
-    return jax.jit(chunk, **kwargs)
+    return jax.jit(streamed_chunk if streamed else chunk, **kwargs)
+
+
+def _steps(body: Callable, state, xs, k: int, scan: bool):
+    """`body` over the K leading slices of `xs`: one rolled scan, or K straight-line steps."""
+    if scan:
+        return jax.lax.scan(body, state, xs)
+    outs = []
+    for i in range(k):
+        state, m = body(state, jax.tree_util.tree_map(lambda x, i=i: x[i], xs))
+        outs.append(m)
+    return state, jax.tree_util.tree_map(lambda *ms: jnp.stack(ms), *outs)

@@ -1,8 +1,7 @@
-"""Datasets as uint8 arrays for the device, plus a jittable augmentation pipeline.
+"""The device-resident data sets: files -> host uint8 arrays, loaded whole.
 
 Images stay uint8 until the train step (a CIFAR split is 150 MB), so they live on the
-device and training never waits on the host; `augment`, `normalize` and `epoch_indices` are
-pure functions of PRNG keys, meant to run inside the jitted step. Sources of `load(name)`:
+device and training never waits on the host. Sources of `load(name)`:
 
 - ``fashion_mnist``: the original gzipped IDX files (Debian package
   ``dataset-fashion-mnist``), checksum-verified; TFDS when they are not installed.
@@ -10,9 +9,10 @@ pure functions of PRNG keys, meant to run inside the jitted step. Sources of `lo
   once with Pillow and cached as uint8 under ``data_dir``, keyed by the file's sha256.
 - ``cifar10``, ``cifar100``, ``mnist``: TFDS array_record files via ``tfds.data_source``
   (no TensorFlow needed).
+- ``synthetic``: random images made in memory (tests, smoke runs, benchmarks).
 
-Shuffling convention: epoch ``e`` draws its order from ``jax.random.fold_in(data_key, e)``,
-so a resumed run replays exactly the order it would have seen.
+Image folders and other TFDS builds reach the device through `dnq_jax.data.stream`
+(`Stream.materialize`).
 """
 
 from __future__ import annotations
@@ -28,14 +28,9 @@ import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dnq_jax.errors import DataError
-
-__all__ = ["NAMES", "DataError", "Dataset", "augment", "augment_config", "calibration_subset"]
-__all__ += ["epoch_indices", "load", "normalize"]
 
 # name -> (num_classes, image shape)
 _SPECS: dict[str, tuple[int, tuple[int, int, int]]] = {
@@ -46,7 +41,7 @@ _SPECS: dict[str, tuple[int, tuple[int, int, int]]] = {
     "fashion_mnist": (10, (28, 28, 1)),
     "synthetic": (10, (16, 16, 3)),  # made in memory: tests, smoke runs, benchmarks
 }
-NAMES: tuple[str, ...] = tuple(sorted(_SPECS))
+RESIDENT_NAMES: tuple[str, ...] = tuple(sorted(_SPECS))
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _APT_HINT = "apt-get update && apt-get install -y dataset-fashion-mnist  (as root)"
@@ -73,7 +68,7 @@ _IDX_SHA256_UPSTREAM = {
 
 CIFAR10_JPEG_FILE = "cifar10_jpeg_q75.npz"
 CIFAR10_JPEG_SHA256 = "fdef8a4f8ffc8d30250e96c70293706a31eeb1af139bf284db10b42d65dca644"
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +119,7 @@ def load(
     verify: bool = True,
     expected_sha256: str | Mapping[str, str] | None = None,
 ) -> Dataset:
-    """Loads dataset `name` (one of `NAMES`) into host uint8 arrays.
+    """Loads dataset `name` (one of `RESIDENT_NAMES`) into host uint8 arrays.
 
     Args:
       name: dataset name.
@@ -145,7 +140,8 @@ def load(
       DataError: missing files (with how to get them), wrong checksum or layout.
     """
     if name not in _SPECS:
-        raise ValueError(f"unknown dataset name {name!r}; known: {', '.join(NAMES)}")
+        known = ", ".join(RESIDENT_NAMES)
+        raise ValueError(f"unknown dataset name {name!r}; known: {known} (see data.NAMES)")
     for arg, limit in (("limit_train", limit_train), ("limit_test", limit_test)):
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise ValueError(f"{arg} must be a positive int or None, got {limit!r}")
@@ -189,25 +185,43 @@ def _synthetic(limits) -> dict:
     return out
 
 
-def _subset(n: int, limit: int | None) -> np.ndarray:
+def subset(n: int, limit: int | None) -> np.ndarray:
     """Indices kept by a limit: seeded and sorted, so every call keeps the same examples."""
     if limit is None or limit >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(0).choice(n, size=limit, replace=False))
 
 
+class ChannelSums:
+    """Exact per-channel sums of uint8 images, chunk by chunk: the statistics `normalize`
+    uses, the same whether the images arrive whole or in batches."""
+
+    def __init__(self, channels: int) -> None:
+        self.total = np.zeros(channels, np.uint64)
+        self.total_sq = np.zeros(channels, np.uint64)
+        self.count = 0
+
+    def add(self, images: np.ndarray) -> None:
+        c = self.total.shape[0]
+        # Chunks of 2048: a float copy of a whole CIFAR split would cost 1.2 GB.
+        for start in range(0, images.shape[0], 2048):
+            chunk = images[start : start + 2048].reshape(-1, c)
+            self.total += chunk.sum(axis=0, dtype=np.uint64)
+            self.total_sq += np.square(chunk, dtype=np.uint32).sum(axis=0, dtype=np.uint64)
+            self.count += chunk.shape[0]
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) in [0, 1] units, float32."""
+        count = max(self.count, 1)
+        mean = self.total / count
+        var = np.maximum(self.total_sq / count - mean**2, 0.0)
+        return (mean / 255).astype(np.float32), (np.sqrt(var) / 255).astype(np.float32)
+
+
 def _channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # Exact integer sums in chunks: a float copy of a whole CIFAR split would cost 1.2 GB.
-    c = images.shape[-1]
-    total, total_sq = np.zeros(c, np.uint64), np.zeros(c, np.uint64)
-    for start in range(0, images.shape[0], 2048):
-        chunk = images[start : start + 2048].reshape(-1, c)
-        total += chunk.sum(axis=0, dtype=np.uint64)
-        total_sq += np.square(chunk, dtype=np.uint32).sum(axis=0, dtype=np.uint64)
-    count = max(images.size // c, 1)
-    mean = total / count
-    var = np.maximum(total_sq / count - mean**2, 0.0)
-    return (mean / 255).astype(np.float32), (np.sqrt(var) / 255).astype(np.float32)
+    sums = ChannelSums(images.shape[-1])
+    sums.add(images)
+    return sums.result()
 
 
 def _load_fashion_mnist(idx_dir, tfds_data_dir, limits, verify, expected):
@@ -229,7 +243,7 @@ def _load_fashion_mnist(idx_dir, tfds_data_dir, limits, verify, expected):
         labels = _read_idx(folder, (split, "labels"), verify, expected)
         if images.shape[0] != labels.shape[0]:
             raise DataError(f"{folder}: {split} has {len(images)} images, {len(labels)} labels")
-        keep = _subset(images.shape[0], limits[split])
+        keep = subset(images.shape[0], limits[split])
         out[split] = (images[keep][..., None], labels[keep].astype(np.int32))
     return out
 
@@ -304,15 +318,14 @@ def _load_cifar10_jpeg(npz_path, data_dir, limits, verify, expected):
     if full is not None:
         # The same seeded subset a direct decode keeps: limits give the same data either way.
         keep = {
-            s: _subset(len(y), limits[s]) if limits[s] else slice(None)
-            for s, (_, y) in full.items()
+            s: subset(len(y), limits[s]) if limits[s] else slice(None) for s, (_, y) in full.items()
         }
         return {s: (x[keep[s]], y[keep[s]]) for s, (x, y) in full.items()}
     out = {}
     with np.load(io.BytesIO(raw), allow_pickle=False) as z:
         for split in ("train", "test"):
             blob, offsets, labels = _jpeg_layout(z, path, split)
-            keep, where = _subset(len(labels), limits[split]), f"{path} {split}"
+            keep, where = subset(len(labels), limits[split]), f"{path} {split}"
             jpegs = (blob[offsets[i] : offsets[i + 1]] for i in keep)
             pairs = ((_decode_jpeg(b, f"{where} item {i}"), labels[i]) for i, b in zip(keep, jpegs))
             out[split] = _collect(keep, pairs, _SPECS["cifar10_jpeg"][1], where)
@@ -410,77 +423,7 @@ def _load_tfds(name: str, tfds_data_dir: str | None, limits) -> dict:
             where = f" --data_dir={tfds_data_dir}" if tfds_data_dir else ""
             how = f"build it once (needs internet): tfds build {name} --file_format=array_record"
             raise DataError(f"TFDS {name!r} ({split}) not available ({err}); {how}{where}") from err
-        keep = _subset(len(source), limits[split])
+        keep = subset(len(source), limits[split])
         pairs = ((np.asarray(r["image"]), r["label"]) for r in (source[int(i)] for i in keep))
         out[split] = _collect(keep, pairs, _SPECS[name][1], f"TFDS {name} {split}")
     return out
-
-
-def normalize(images_uint8: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:
-    """Maps uint8 images to ``(x / 255 - mean) / std`` per channel, computed in float32."""
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.asarray(std, jnp.float32)
-    if mean.shape != std.shape or mean.shape not in ((), images_uint8.shape[-1:]):
-        msg = f"{images_uint8.shape[-1]} channels of images_uint8"
-        raise ValueError(f"mean/std shapes {mean.shape}/{std.shape} do not match the {msg}")
-    x = images_uint8.astype(jnp.float32) / 255.0
-    return ((x - mean) / std).astype(dtype)
-
-
-def augment(
-    key: jax.Array, images_uint8: jax.Array, *, pad: int = 4, flip: bool = True
-) -> jax.Array:
-    """Random crop after `pad`-pixel zero padding, then random horizontal flip, per image.
-
-    Vectorised over the batch (one padded copy, one batched slice), so it is cheap inside a
-    jitted train step. `pad` and `flip` are static. ``pad=0, flip=False`` returns the input.
-    """
-    if images_uint8.ndim != 4:
-        raise ValueError(f"images_uint8 must be (B, H, W, C), got shape {images_uint8.shape}")
-    if not isinstance(pad, int) or pad < 0:
-        raise ValueError(f"pad must be a non-negative int, got {pad!r}")
-    b, h, w, c = images_uint8.shape
-    crop_key, flip_key = jax.random.split(key)
-    out = images_uint8
-    if pad:
-        padded = jnp.pad(out, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        corners = jax.random.randint(crop_key, (b, 2), 0, 2 * pad + 1)
-        crop = lambda img, yx: jax.lax.dynamic_slice(img, (yx[0], yx[1], 0), (h, w, c))
-        out = jax.vmap(crop)(padded, corners)
-    if flip:
-        mirror = jax.random.bernoulli(flip_key, 0.5, (b, 1, 1, 1))
-        out = jnp.where(mirror, out[:, :, ::-1, :], out)
-    return out
-
-
-def epoch_indices(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
-    """Shuffled example indices for one epoch, int32 (steps, batch_size), remainder dropped.
-
-    Use ``key = jax.random.fold_in(data_key, epoch)`` so each epoch's order depends only on
-    the seed and the epoch number.
-    """
-    if not isinstance(num_examples, int) or num_examples < 1:
-        raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= num_examples:
-        raise ValueError(f"batch_size must be an int in [1, {num_examples}], got {batch_size!r}")
-    steps = num_examples // batch_size
-    order = jax.random.permutation(key, num_examples)[: steps * batch_size]
-    return order.reshape(steps, batch_size).astype(jnp.int32)
-
-
-def augment_config(name: str) -> dict:
-    """`augment` kwargs: crop+flip for CIFAR; crop only for (Fashion-)MNIST, whose mirrored
-    digits change meaning and which is conventionally trained without flips."""
-    if name not in _SPECS:
-        raise ValueError(f"unknown dataset name {name!r}; known: {', '.join(NAMES)}")
-    if name.startswith("cifar"):
-        return {"pad": 4, "flip": True}
-    return {"pad": 2, "flip": False}
-
-
-def calibration_subset(ds: Dataset, n: int, seed: int) -> np.ndarray:
-    """`n` distinct training images (uint8, unaugmented) drawn by a numpy RNG seeded `seed`."""
-    if not isinstance(n, int) or not 1 <= n <= ds.num_train:
-        raise ValueError(f"n must be an int in [1, {ds.num_train}], got {n!r}")
-    idx = np.random.default_rng(seed).choice(ds.num_train, size=n, replace=False)
-    return ds.train_images[idx]
