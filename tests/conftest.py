@@ -18,6 +18,14 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+
+def default_xla_env(env: dict) -> dict:
+    """`env` with XLA's default optimization level: for subprocesses that are timed, or whose
+    results are compared bit for bit with those of a differently built program (fusion
+    decisions, and so float rounding, differ between levels)."""
+    return {**env, "XLA_FLAGS": env.get("XLA_FLAGS", "").replace(OPT_FLAG, "").strip()}
+
+
 # Must run before the CPU backend is created; it does not affect a GPU/TPU backend.
 jax.config.update("jax_num_cpu_devices", 8)
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import default_xla_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,8 +23,7 @@ def test_train_speed_prints_every_row_and_ends_with_the_ratio():
         *("--steps", "1", "--compile-repeats", "1", "--breakdown", "--epoch"),
     ]
     # XLA's default optimization level, as users run the benchmark (tests/conftest.py).
-    xla = os.environ.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=1", "")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla.strip()}
+    env = default_xla_env({**os.environ, "JAX_PLATFORMS": "cpu"})
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
