@@ -53,13 +53,15 @@ def _fmt(x: float | None, sign: bool = False) -> str:
     return f"{x:+.2f}" if sign else f"{x:.2f}"
 
 
-def table(cells: dict, noise: dict, sgd: dict, seed: int, bits: str) -> str:
+def table(cells: dict, noise: dict, sgd: dict, seed: int, bits: str, iters: int) -> str:
     sgd_fp32 = sgd.get("fp32")
     sgd_q = (sgd.get("ptq") or {}).get("qdrop", {}).get(bits)
     sgd_rtn = (sgd.get("ptq") or {}).get("rtn", {}).get(bits)
     lines = [
         f"Seed {seed}, W2A4 noise, ResNet-8 / Fashion-MNIST, 16 epochs. SGD: FP32 "
-        f"{_fmt(sgd_fp32)}, RTN {bits.upper()} {_fmt(sgd_rtn)}, QDrop {_fmt(sgd_q)}.",
+        f"{_fmt(sgd_fp32)}, RTN {bits.upper()} {_fmt(sgd_rtn)}, QDrop {_fmt(sgd_q)}. QDrop at "
+        f"{iters:,} iterations per block; noise / error std: the forward pass's weight "
+        "perturbation against the evaluation quantizer's error (experiments/noise_size.py).",
         "",
         f"| row | what it adds | FP32 | FP32 - SGD | RTN {bits.upper()} | QDrop {bits.upper()} "
         "| QDrop - SGD | noise / error std (all; 2-bit layers) |",
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             ):
                 sgd["ptq"].setdefault("qdrop", {})[a.bits] = pt.get("top1")
                 sgd["fp32"] = sgd["fp32"] if sgd["fp32"] is not None else pt.get("fp32")
-    text = table(cells, noise, sgd, a.seed, a.bits)
+    text = table(cells, noise, sgd, a.seed, a.bits, a.qdrop_iters)
     print(text)
     if a.out:
         Path(a.out).write_text(text)
