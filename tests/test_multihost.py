@@ -184,16 +184,23 @@ def runs(tmp_path_factory):
     return out
 
 
-def test_two_processes_give_the_one_process_result(runs):
-    """Killed and resumed, the two-process run ends as the uninterrupted one-process run
-    (losses up to float reassociation, the same accuracies)."""
-    (one, _), (two, outs) = runs["one"], runs["two"]
+def same_curves(one, two) -> tuple[list, list]:
+    """Asserts that the runs in `one` and `two` logged the same 3 epochs, losses up to float
+    reassociation and the same test accuracies; returns their metrics rows."""
     rows1, rows2 = metrics.read(one), metrics.read(two)
     assert [r["epoch"] for r in rows1] == [r["epoch"] for r in rows2] == [1, 2, 3]
     np.testing.assert_allclose(
         [r["train_loss"] for r in rows2], [r["train_loss"] for r in rows1], rtol=1e-5
     )
     assert [r.get("test_acc") for r in rows2] == [r.get("test_acc") for r in rows1]
+    return rows1, rows2
+
+
+def test_two_processes_give_the_one_process_result(runs):
+    """Killed and resumed, the two-process run ends as the uninterrupted one-process run
+    (losses up to float reassociation, the same accuracies)."""
+    (one, _), (two, outs) = runs["one"], runs["two"]
+    rows1, rows2 = same_curves(one, two)
     r1, r2 = (json.loads((w / "results.json").read_text()) for w in (one, two))
     gap = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(rows1, rows2))
     print(f"1 x 4 devices vs 2 x 2 (killed, resumed): FP32 {r1['fp32']} vs {r2['fp32']}, "
