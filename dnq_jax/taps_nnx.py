@@ -314,7 +314,10 @@ class _Mirror(nn.Module):
             if child.kind != "bn":
                 return twin(*args, **kwargs)
             if kwargs.get("mask") is not None:
-                raise NNXBridgeError(f"NNX bridge: {_name(child.path)}: BatchNorm mask=")
+                raise NNXBridgeError(
+                    f"NNX bridge: {_name(child.path)}: a BatchNorm call with a mask is not "
+                    "supported"
+                )
             kwargs.pop("mask", None)
             explicit = kwargs.pop("use_running_average", args[1] if len(args) > 1 else None)
             ura = explicit if explicit is not None else not bool(_TRAIN.get())
