@@ -44,12 +44,13 @@ def blobs(seed: int, n: int, size: int = 16):
     return jnp.asarray(x, jnp.float32), jnp.asarray(labels)
 
 
-def train_on_blobs(model, steps: int):
-    """(model, trained variables, 128 calibration images, test images, test labels): `model`
-    trained for `steps` Adam steps (cosine learning rate from 5e-3) on the blob task."""
-    x_train, y_train = blobs(0, 2048)
-    x_test, y_test = blobs(1, 1000)
-    variables = jax.jit(model.init)(jax.random.key(0), x_train[:1])
+def train_on_blobs(model, steps: int, n_train=2048, n_test=1000, init_seed=0, calib=128):
+    """(model, trained variables, the first `calib` training images (None: all), test images,
+    test labels): `model` trained for `steps` Adam steps (cosine learning rate from 5e-3) on
+    the blob task."""
+    x_train, y_train = blobs(0, n_train)
+    x_test, y_test = blobs(1, n_test)
+    variables = jax.jit(model.init)(jax.random.key(init_seed), x_train[:1])
     tx = optax.adam(optax.cosine_decay_schedule(5e-3, steps))
 
     @jax.jit
@@ -69,39 +70,13 @@ def train_on_blobs(model, steps: int):
     for i in range(steps):
         idx = np.arange(i * 64, (i + 1) * 64) % x_train.shape[0]
         params, stats, opt_state = step(params, stats, opt_state, x_train[idx], y_train[idx])
-    return model, {"params": params, "batch_stats": stats}, x_train[:128], x_test, y_test
+    return model, {"params": params, "batch_stats": stats}, x_train[:calib], x_test, y_test
 
 
 @pytest.fixture(scope="module")
 def trained():
     """SmallCNN trained for 300 Adam steps; returns model, variables, train and test data."""
-    x_train, y_train = blobs(0, 4096)
-    x_test, y_test = blobs(1, 2000)
-    model = SmallCNN()
-    variables = jax.jit(model.init)(jax.random.key(2), x_train[:1])
-    steps = 300
-    tx = optax.adam(optax.cosine_decay_schedule(5e-3, steps))
-
-    @jax.jit
-    def step(params, stats, opt_state, x, y):
-        def loss_fn(p):
-            logits, updates = model.apply(
-                {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
-            )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            return loss, updates["batch_stats"]
-
-        (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), stats, opt_state
-
-    params, stats = variables["params"], variables["batch_stats"]
-    opt_state = tx.init(params)
-    for i in range(steps):
-        idx = np.arange(i * 64, (i + 1) * 64) % x_train.shape[0]
-        params, stats, opt_state = step(params, stats, opt_state, x_train[idx], y_train[idx])
-    variables = {"params": params, "batch_stats": stats}
-    return model, variables, x_train, x_test, y_test
+    return train_on_blobs(SmallCNN(), 300, n_train=4096, n_test=2000, init_seed=2, calib=None)
 
 
 @pytest.fixture(scope="module")
