@@ -183,6 +183,23 @@ def test_new_bit_widths_are_evaluated_without_training_again(killed_grid, monkey
     assert set(doc["cells"][1]["ptq"]["rtn"]) == {"w8a8", "w4a4", "w2a4"}
 
 
+def test_a_method_evaluates_only_the_bits_its_cell_names_for_it(killed_grid, monkeypatch):
+    """`Cell.method_bits`: the demo reconstructs at the DNQ targets only, RTN at every
+    precision; here RTN is kept to one of the cell's two precisions (all in results.json)."""
+    import dataclasses
+
+    wd, *_ = killed_grid
+    cell = _cells(bits="w8a8,w4a4")[0]
+    assert cell.bits_for("rtn") == ((8, 8), (4, 4))
+    only = dataclasses.replace(cell, method_bits=(("rtn", ((4, 4), (2, 2))),))
+    assert only.bits_for("rtn") == ((4, 4),) and only.bits_for("qdrop") == cell.bits
+    monkeypatch.setattr(loop, "train_and_evaluate", lambda *a, **k: pytest.fail("trained"))
+    full = grid.collect(cell, wd / "cells" / "dnq_s0", ["rtn"], 0)
+    doc = grid.run_grid([only], wd)
+    (record,) = [r for r in doc["cells"] if r["name"] == "dnq_s0"]
+    assert record["ptq"]["rtn"] == {"w4a4": full["ptq"]["rtn"]["w4a4"]}
+
+
 def test_a_grid_counts_the_finished_cells_of_an_included_earlier_grid(
     killed_grid, tmp_path, monkeypatch
 ):

@@ -22,6 +22,7 @@ from dnq_jax.errors import ConfigError, Preempted
 from dnq_jax.grid import cells as grid_cells
 from dnq_jax.grid import include as grid_include
 from dnq_jax.grid import run as grid_run
+from dnq_jax.train import config as config_lib
 
 PROG = "dnq-grid"
 
@@ -140,7 +141,18 @@ def demo_main(argv: list[str] | None = None) -> int:
     f = flags.FlagValues()
     flags.DEFINE_string("workdir", "demo_out", "Where the demo's grid goes.", flag_values=f)
     flags.DEFINE_integer("epochs", 10, "Epochs of each model.", flag_values=f)
-    flags.DEFINE_integer("qdrop-iters", 50, "QDrop iterations per block.", flag_values=f)
+    flags.DEFINE_integer(
+        "qdrop-iters",
+        2000,
+        "QDrop iterations per block (at the DNQ targets; fewer cut the SGD model's short).",
+        flag_values=f,
+    )
+    flags.DEFINE_string(
+        "method",
+        "dnq",
+        "The DNQ models' method or recipe: dnq (the paper's form), naive, authors, ...",
+        flag_values=f,
+    )
     flags.DEFINE_string(
         "dnq-targets",
         "w2a4",
@@ -155,7 +167,11 @@ def demo_main(argv: list[str] | None = None) -> int:
     def run() -> int:
         if not targets or any(t not in demo.BITS for t in targets):
             raise ConfigError(f"--dnq-targets: choose from {', '.join(demo.BITS)}")
-        return demo.run_demo(f.workdir, f.epochs, f["qdrop-iters"].value, targets, f.fresh)
+        # An unknown method is named with the known ones; one without noise is no DNQ model.
+        if not config_lib.uses_noise(config_lib.apply_method(config_lib.base_config(), f.method)):
+            raise ConfigError(f"--method: {f.method} trains without noise; choose a noise method")
+        iters = f["qdrop-iters"].value
+        return demo.run_demo(f.workdir, f.epochs, iters, targets, f.fresh, f.method)
 
     return common.run_guarded(run, f.verbose)
 

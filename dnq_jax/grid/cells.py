@@ -31,6 +31,14 @@ class Cell:
     config: ml_collections.ConfigDict
     bits: Bits
     overrides: str = ""
+    # (method, bits) pairs: a method evaluated at fewer of `bits` than the others (the demo's
+    # reconstruction, only at the DNQ targets); a method not named here gets all of `bits`.
+    method_bits: tuple[tuple[str, Bits], ...] = ()
+
+    def bits_for(self, method: str) -> Bits:
+        """The bit-widths `method` evaluates the cell at."""
+        only = dict(self.method_bits).get(method)
+        return self.bits if only is None else tuple(b for b in self.bits if b in only)
 
     @property
     def name(self) -> str:

@@ -81,7 +81,7 @@ def _usable_keys(
         mine = overrides.get(r.get("setting"), r.get("overrides"))
         usable = usable and r.get("overrides") == mine
     else:
-        keys = {m: [config_lib.bits_name(*b) for b in cell.bits] for m in ptq}
+        keys = {m: [config_lib.bits_name(*b) for b in cell.bits_for(m)] for m in ptq}
         usable = r.get("overrides") == cell.overrides and all(
             k in have.get(m, {}) for m in ptq for k in keys[m]
         )

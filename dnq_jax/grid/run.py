@@ -35,7 +35,10 @@ def _eval_settings(cell: Cell, method: str, iters: int):
     from dnq_jax.train import evaluate
 
     return evaluate.EvalSettings.from_config(
-        cell.config, bits=cell.bits, method=method, iters=0 if method == "rtn" else iters
+        cell.config,
+        bits=cell.bits_for(method),
+        method=method,
+        iters=0 if method == "rtn" else iters,
     )
 
 

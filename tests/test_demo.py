@@ -1,0 +1,62 @@
+"""The demo's cells and table: QDrop only at the DNQ targets, the gains it prints."""
+
+import pytest
+
+from dnq_jax.grid import demo
+
+
+def test_the_demo_reconstructs_only_at_the_dnq_targets():
+    sgd, dnq = demo.demo_cells(10, ("w2a4",))
+    assert sgd.bits == dnq.bits == ((4, 4), (2, 4))
+    for cell in (sgd, dnq):
+        assert cell.bits_for("rtn") == ((4, 4), (2, 4))
+        assert cell.bits_for("qdrop") == ((2, 4),)
+    assert dnq.config.noise.weight == "differential" and sgd.config.noise.weight == "none"
+    (_, naive) = demo.demo_cells(10, ("w2a4",), "naive")
+    assert naive.config.noise.weight == "naive" and naive.overrides == "method=naive"
+    (_, authors) = demo.demo_cells(10, ("w2a4",), "authors")
+    assert authors.overrides == "method=authors" and authors.config.noise.lambda_max == 0.8
+    # One DNQ model per target: each evaluated at its own precision only, QDrop at both.
+    cells = demo.demo_cells(10, ("w4a4", "w2a4"))
+    assert [c.name for c in cells] == ["sgd_s0", "dnq_w4a4_s0", "dnq_w2a4_s0"]
+    assert [c.bits for c in cells[1:]] == [((4, 4),), ((2, 4),)]
+    assert cells[0].bits_for("qdrop") == ((4, 4), (2, 4))
+
+
+def _record(fp32, rtn, qdrop):
+    return {"fp32": fp32, "ptq": {"rtn": rtn, "qdrop": qdrop}}
+
+
+def test_the_demo_table_prints_the_columns_measured_and_the_gains():
+    records = {
+        "sgd": _record(86.5, {"w4a4": 83.75, "w2a4": 46.5}, {"w2a4": 80.75}),
+        "dnq_w2a4": _record(82.0, {"w4a4": 81.5, "w2a4": 75.25}, {"w2a4": 81.0}),
+    }
+    text = demo.format_table(records, 10, 2000)
+    head, sgd, dnq = text.strip().splitlines()[1:4]
+    assert head.split() == ["model", "FP32", "W4A4", "RTN", "W2A4", "RTN", "W2A4", "QDROP"]
+    assert sgd.split() == ["SGD", "86.50", "83.75", "46.50", "80.75"]
+    assert dnq.split()[-4:] == ["82.00", "81.50*", "75.25", "81.00"]
+    assert "QDrop: 2000 iterations per block" in text
+    assert "DNQ - SGD: FP32 -4.50" in text
+    assert "W4A4* RTN -2.25; W2A4 RTN +28.75, QDROP +0.25" in text
+    assert "* off target: no DNQ model was trained with the noise at W4A4" in text
+    named = demo.format_table(records, 10, 2000, "naive")
+    assert "DNQ naive (noise at W2A4)" in named and "DNQ naive - SGD: FP32 -4.50" in named
+
+
+def test_the_demo_refuses_a_method_without_noise_and_an_unknown_one(capsys):
+    from dnq_jax.cli import grid as cli
+
+    assert cli.demo_main(["--method", "sgd", "--workdir", "unused"]) != 0
+    assert "trains without noise" in capsys.readouterr().err
+    assert cli.demo_main(["--method", "dnqq", "--workdir", "unused"]) != 0
+    assert "unknown 'dnqq'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("targets", ["w8a8", ""])
+def test_the_demo_refuses_other_targets(targets, capsys):
+    from dnq_jax.cli import grid as cli
+
+    assert cli.demo_main(["--dnq-targets", targets, "--workdir", "unused"]) != 0
+    assert "--dnq-targets" in capsys.readouterr().err
