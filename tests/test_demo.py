@@ -41,6 +41,10 @@ def test_the_demo_table_prints_the_columns_measured_and_the_gains():
     assert "DNQ - SGD: FP32 -4.50" in text
     assert "W4A4* RTN -2.25; W2A4 RTN +28.75, QDROP +0.25" in text
     assert "* off target: no DNQ model was trained with the noise at W4A4" in text
+    rtn_only = {n: {**r, "ptq": {"rtn": r["ptq"]["rtn"]}} for n, r in records.items()}
+    text = demo.format_table(rtn_only, 10, 0)
+    assert "no QDrop (--qdrop-iters 0)" in text and "QDROP" not in text
+    assert "W2A4 RTN +28.75" in text
     named = demo.format_table(records, 10, 2000, "naive")
     assert "DNQ naive (noise at W2A4)" in named and "DNQ naive - SGD: FP32 -4.50" in named
 
@@ -54,9 +58,11 @@ def test_the_demo_refuses_a_method_without_noise_and_an_unknown_one(capsys):
     assert "unknown 'dnqq'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("targets", ["w8a8", ""])
-def test_the_demo_refuses_other_targets(targets, capsys):
+@pytest.mark.parametrize(
+    "flag,value", [("--dnq-targets", "w8a8"), ("--dnq-targets", ""), ("--qdrop-iters", "-1")]
+)
+def test_the_demo_refuses_other_targets_and_a_negative_count(flag, value, capsys):
     from dnq_jax.cli import grid as cli
 
-    assert cli.demo_main(["--dnq-targets", targets, "--workdir", "unused"]) != 0
-    assert "--dnq-targets" in capsys.readouterr().err
+    assert cli.demo_main([flag, value, "--workdir", "unused"]) != 0
+    assert flag in capsys.readouterr().err

@@ -144,7 +144,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     flags.DEFINE_integer(
         "qdrop-iters",
         2000,
-        "QDrop iterations per block (at the DNQ targets; fewer cut the SGD model's short).",
+        "QDrop iterations per block at the DNQ targets (fewer cut the SGD model's short; 0: "
+        "no QDrop).",
         flag_values=f,
     )
     flags.DEFINE_string(
@@ -165,6 +166,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     targets = tuple(t.strip().lower() for t in f["dnq-targets"].value.split(",") if t.strip())
 
     def run() -> int:
+        if f["qdrop-iters"].value < 0:
+            raise ConfigError("--qdrop-iters: must be >= 0 (0: no QDrop)")
         if not targets or any(t not in demo.BITS for t in targets):
             raise ConfigError(f"--dnq-targets: choose from {', '.join(demo.BITS)}")
         # An unknown method is named with the known ones; one without noise is no DNQ model.

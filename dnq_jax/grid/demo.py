@@ -2,17 +2,18 @@
 
   dnq-demo --workdir demo_out   (what `make demo` runs; the flags: dnq_jax/cli/grid.py)
 
-Trains a small CIFAR-style ResNet for the same short budget plainly (SGD) and with DNQ
-(weight noise, activation drop-in, SWA; `--method` picks the form, the paper's `dnq` or another
-preset such as `naive` or `authors`), the noise modelled at W2A4; with `--dnq-targets
-w4a4,w2a4`, one DNQ model per target as the paper trains them (a third training run, which
-takes the demo past 8 minutes on 2 CPU cores). Each model is evaluated at FP32 and with
-round-to-nearest at W4A4 and W2A4, and with QDrop (`--qdrop-iters` iterations per block) at the
-DNQ targets only: a reconstruction cut short punishes the sharper SGD model a second time, so
-the count is one where both models' QDrop accuracy has stopped rising (2,000 on the demo's
-models, experiments/results/demo_qdrop_iters.md), and what that costs leaves room for one
-QDrop column in the budget. A DNQ model evaluated at a precision its noise was not modelled at
-is marked off target. It is a grid (`dnq_jax.grid`) of one cell per model, so it resumes and
+Trains a small CIFAR-style ResNet for the same short budget plainly (SGD) and with DNQ (weight
+noise, activation drop-in, SWA; `--method` picks the form, the paper's `dnq` or another preset
+such as `naive` or `authors`), the noise modelled at W2A4; with `--dnq-targets w4a4,w2a4`, one
+DNQ model per target as the paper trains them (a third training run, and a
+third QDrop). Each model is evaluated at FP32 and with round-to-nearest at W4A4
+and W2A4, and with QDrop (`--qdrop-iters` iterations per block) at the DNQ targets only: a
+reconstruction cut short punishes the sharper SGD model a second time, so the count is one
+where both models' QDrop accuracy has stopped rising (2,000 on the demo's models,
+experiments/results/demo_qdrop_iters.md). That costs about 3 minutes per model on 2 CPU cores,
+so QDrop gets one column (W4A4 is shown with RTN only); `--qdrop-iters 0` leaves QDrop out
+(about 5 minutes in all). A DNQ model evaluated at a precision its noise was not modelled at is
+marked off target. It is a grid (`dnq_jax.grid`) of one cell per model, so it resumes and
 writes grid.md; it prints one table and writes table.txt, results.json, accuracy_vs_bits.png
 (RTN) and training_curves.png under the workdir. The numbers are whatever the run measures;
 with so short a budget they vary with the seed.
@@ -97,7 +98,7 @@ def format_table(records: dict[str, dict], epochs: int, iters: int, method: str 
     name_of = "DNQ" if method == "dnq" else f"DNQ {method}"
     lines = [
         f"\nFashion-MNIST test top-1 (%), resnet8, {epochs} epochs of 60 steps; "
-        f"QDrop: {iters} iterations per block",
+        + (f"QDrop: {iters} iterations per block" if iters > 0 else "no QDrop (--qdrop-iters 0)"),
         f"{'model':<28}{'FP32':>7}{head}",
     ]
     for name, r in records.items():
@@ -141,8 +142,9 @@ def run_demo(
     enable_compile_cache(out / ".jax_cache")  # DNQ models of several targets share one step
     print(f"dnq_jax demo on {jax.devices()[0].device_kind} ({jax.default_backend()})")
     cells = demo_cells(epochs, targets, method)
+    ptq = PTQ if qdrop_iters > 0 else ("rtn",)
     header = [f"# The demo: SGD vs DNQ ({method}), {epochs} epochs, QDrop {qdrop_iters} iterations"]
-    doc = run_grid(cells, out, PTQ, qdrop_iters, header)
+    doc = run_grid(cells, out, ptq, qdrop_iters, header)
     records = {r["name"].rsplit("_s", 1)[0]: r for r in doc["cells"]}
     table = format_table(records, epochs, qdrop_iters, method)
     print(table)
