@@ -36,7 +36,7 @@ declare -A CELL=(
 )
 ORDER="dnq_w2a4 naive lam08 symmetric leftover relu uniform authors"
 ARGS=(--config "$TABLE_CONFIG" --seeds "${SEEDS:-0}" --ptq "${PTQ:-rtn,qdrop}")
-ARGS+=(--ptq-iters "${ITERS:-2000}")
+ARGS+=(--ptq-iters "${ITERS:-5000}")
 for name in ${CELLS:-$ORDER}; do
   [ -n "${CELL[$name]:-}" ] || { echo "unknown cell $name; choose from: $ORDER" >&2; exit 2; }
   ARGS+=(--cell "$name:${CELL[$name]}")

@@ -16,17 +16,25 @@
 #   bn_off    SWA's average evaluated with the BN statistics of the last step, not re-estimated
 #   noise_early  the noise stage from epoch 4 instead of 8 (12 noise epochs, not 8): does a
 #             longer stage let the model win back its FP32 accuracy under the noise?
-# Each model is PTQ-evaluated at FP32 and W2A4 with RTN and QDrop (200 iterations per block).
+# Each model is PTQ-evaluated at FP32 and W2A4 with RTN and QDrop at ITERS iterations per block.
 #
-#   bash experiments/dnq_ablations.sh        (PYTHON=..., WORKDIR=..., CELLS="w_scale swa",
+#   bash experiments/dnq_ablations.sh        (PYTHON=..., CELLS="w_scale swa",
 #                                             SEEDS=0,1,2 for more seeds than seed 0)
+#   ITERS=200 NAME=dnq_ablations WORKDIR=workdirs/dnq_ablations bash experiments/dnq_ablations.sh
+#                                            (the first measurement, QDrop at 200 iterations)
 #
-# It resumes like every grid: run the same command again to continue. Cells run in the order
-# above; CELLS picks a subset. Results are copied to experiments/results/dnq_ablations.{md,json,png}.
+# ITERS defaults to 5,000, the count where QDrop has stopped rising on both the SGD and the
+# DNQ model (experiments/results/qdrop_iters.md), with NAME=dnq_ablations_fair in the workdir
+# of experiments/fair_table.sh (WORKDIR=workdirs/dnq_table_fair), whose dnq_w2a4_s0 warm-up
+# the cells begin from and whose naive cell is this grid's naive cell. The results at 200
+# iterations stay in experiments/results/dnq_ablations.*. It resumes like every grid: run the
+# same command again to continue. Cells run in the order above; CELLS picks a subset. Results
+# are copied to experiments/results/NAME.{md,json,png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/common.sh
-WORKDIR=${WORKDIR:-workdirs/dnq_ablations}
+WORKDIR=${WORKDIR:-workdirs/dnq_table_fair}
+NAME=${NAME:-dnq_ablations_fair}
 W2A4="noise.w_bits=2,noise.a_bits=4,bits=w2a4"
 declare -A CELL=(
   [w_scale]="method=dnq,noise.w_scale=0.7071,$W2A4"
@@ -44,15 +52,20 @@ declare -A CELL=(
   [noise_early]="method=dnq,noise.start_epoch=4,$W2A4"
   [bn_off]="method=dnq,swa.bn_recalibration=False,$W2A4"
 )
-# The first cell with SWA this workdir trains (swa, where w_scale and lambda_half come from
-# the committed results) trains the seed's warm-up (epochs 0-7); the later ones (naive ...
-# bn_off) begin from it (dnq_jax/grid/fork.py); wqn trains the warm-up without SWA for aqn;
-# noise_early, whose noise starts elsewhere, trains its own.
+# The cells with SWA begin from the seed's warm-up (epochs 0-7) kept by the workdir's
+# dnq_w2a4 cell (dnq_jax/grid/fork.py; in a workdir without one, the first such cell trains
+# it); wqn trains the warm-up without SWA for aqn; noise_early, whose noise starts elsewhere,
+# trains its own.
 ORDER="w_scale lambda_half swa wqn aqn naive accumulate ramp_cosine ramp_exp calib16 calib1024"
 ORDER+=" bn_off noise_early w_scale_half"
-ARGS=(--config "$TABLE_CONFIG" --seeds "${SEEDS:-0}" --ptq rtn,qdrop --ptq-iters 200)
+ARGS=(--config "$TABLE_CONFIG" --seeds "${SEEDS:-0}" --ptq rtn,qdrop --ptq-iters "${ITERS:-5000}")
 for name in ${CELLS:-$ORDER}; do
   [ -n "${CELL[$name]:-}" ] || { echo "unknown cell $name; choose from: $ORDER" >&2; exit 2; }
   ARGS+=(--cell "$name:${CELL[$name]}")
 done
-run_grid dnq_ablations "$WORKDIR" "${ARGS[@]}"
+# The seed-0 cells the fair evaluation and the authors' path trained (final variables and
+# warm-ups), for this grid's cells of the same name and settings.
+for parked in dnq_table_fair authors_path; do
+  "$PYTHON" experiments/park.py restore "$WORKDIR" "$parked"
+done
+run_grid "$NAME" "$WORKDIR" "${ARGS[@]}"

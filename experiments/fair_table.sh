@@ -51,4 +51,9 @@ for name in ${ROWS:-$ORDER}; do
   [ -n "${CELL[$name]:-}" ] || { echo "unknown row $name; choose from: $ORDER" >&2; exit 2; }
   ARGS+=(--cell "$name:${CELL[$name]}")
 done
+# The seed-0 cells the fair evaluation and the authors' path trained (final variables and
+# warm-ups), for this grid's cells of the same name and settings.
+for parked in dnq_table_fair authors_path; do
+  "$PYTHON" experiments/park.py restore "$WORKDIR" "$parked"
+done
 run_grid "$NAME" "$WORKDIR" "${ARGS[@]}"
