@@ -45,6 +45,16 @@ def test_the_demo_table_prints_the_columns_measured_and_the_gains():
     text = demo.format_table(rtn_only, 10, 0)
     assert "no QDrop (--qdrop-iters 0)" in text and "QDROP" not in text
     assert "W2A4 RTN +28.75" in text
+    sgd = _record(86.5, {"w4a4": 83.75, "w2a4": 46.5}, {"w4a4": 85.5, "w2a4": 80.75})
+    three = {
+        "sgd": sgd,
+        "dnq_w4a4": _record(86.0, {"w4a4": 83.5}, {"w4a4": 85.0}),
+        "dnq_w2a4": _record(82.0, {"w2a4": 75.25}, {"w2a4": 81.0}),
+    }
+    text = demo.format_table(three, 10, 2000)
+    assert "DNQ - SGD: FP32 noise at W4A4 -0.50, noise at W2A4 -4.50" in text
+    assert "W4A4 RTN -0.25, QDROP -0.50; W2A4 RTN +28.75, QDROP +0.25" in text
+    assert "off target" not in text
     named = demo.format_table(records, 10, 2000, "naive")
     assert "DNQ naive (noise at W2A4)" in named and "DNQ naive - SGD: FP32 -4.50" in named
 

@@ -5,15 +5,15 @@
 Trains a small CIFAR-style ResNet for the same short budget plainly (SGD) and with DNQ (weight
 noise, activation drop-in, SWA; `--method` picks the form, the paper's `dnq` or another preset
 such as `naive` or `authors`), the noise modelled at W2A4; with `--dnq-targets w4a4,w2a4`, one
-DNQ model per target as the paper trains them (a third training run, and a
-third QDrop). Each model is evaluated at FP32 and with round-to-nearest at W4A4
-and W2A4, and with QDrop (`--qdrop-iters` iterations per block) at the DNQ targets only: a
-reconstruction cut short punishes the sharper SGD model a second time, so the count is one
-where both models' QDrop accuracy has stopped rising (2,000 on the demo's models,
-experiments/results/demo_qdrop_iters.md). That costs about 3 minutes per model on 2 CPU cores,
-so QDrop gets one column (W4A4 is shown with RTN only); `--qdrop-iters 0` leaves QDrop out
-(about 5 minutes in all). A DNQ model evaluated at a precision its noise was not modelled at is
-marked off target. It is a grid (`dnq_jax.grid`) of one cell per model, so it resumes and
+DNQ model per target as the paper trains them (a third training run, and a third QDrop). Each
+model is evaluated at FP32 and with round-to-nearest at W4A4 and W2A4, and with QDrop
+(`--qdrop-iters` iterations per block) at the DNQ targets only: a reconstruction cut short
+punishes the sharper SGD model a second time, so the count is one where both models' QDrop
+accuracy has stopped rising (2,000 on the demo's models,
+experiments/results/demo_qdrop_iters.md). That costs about 2.6 minutes per model on 2 CPU
+cores, so QDrop gets one column (W4A4 is shown with RTN only); `--qdrop-iters 0` leaves QDrop
+out (about 7 minutes in all). A DNQ model evaluated at a precision its noise was not modelled
+at is marked off target. It is a grid (`dnq_jax.grid`) of one cell per model, so it resumes and
 writes grid.md; it prints one table and writes table.txt, results.json, accuracy_vs_bits.png
 (RTN) and training_curves.png under the workdir. The numbers are whatever the run measures;
 with so short a budget they vary with the seed.
@@ -113,11 +113,18 @@ def format_table(records: dict[str, dict], epochs: int, iters: int, method: str 
     gains = []
     for b in BITS:
         dnq = records.get(f"dnq_{b}") or next(r for n, r in records.items() if n != "sgd")
-        diffs = [(m, dnq["ptq"][m][b] - records["sgd"]["ptq"][m][b]) for bb, m in cols if bb == b]
+        pairs = [
+            (m, dnq["ptq"][m].get(b), records["sgd"]["ptq"][m].get(b)) for bb, m in cols if bb == b
+        ]
+        diffs = [(m, d - s) for m, d, s in pairs if d is not None and s is not None]
         mark = "" if f"dnq_{b}" in records else "*"
         gains.append(f"{b.upper()}{mark} " + ", ".join(f"{m.upper()} {d:+.2f}" for m, d in diffs))
-    fp32 = [r["fp32"] - records["sgd"]["fp32"] for n, r in records.items() if n != "sgd"]
-    lines.append(f"{name_of} - SGD: FP32 " + ", ".join(f"{d:+.2f}" for d in fp32))
+    fp32 = {n: r["fp32"] - records["sgd"]["fp32"] for n, r in records.items() if n != "sgd"}
+    if len(fp32) == 1:
+        lines.append(f"{name_of} - SGD: FP32 {next(iter(fp32.values())):+.2f}")
+    else:
+        each = [f"noise at {n.removeprefix('dnq_').upper()} {d:+.2f}" for n, d in fp32.items()]
+        lines.append(f"{name_of} - SGD: FP32 " + ", ".join(each))
     lines.append(f"{name_of} - SGD: " + "; ".join(gains))
     off = [b.upper() for b in BITS if f"dnq_{b}" not in records]
     if off:
