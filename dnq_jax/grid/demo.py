@@ -114,7 +114,9 @@ def format_table(records: dict[str, dict], epochs: int, iters: int, method: str 
     for b in BITS:
         dnq = records.get(f"dnq_{b}") or next(r for n, r in records.items() if n != "sgd")
         pairs = [
-            (m, dnq["ptq"][m].get(b), records["sgd"]["ptq"][m].get(b)) for bb, m in cols if bb == b
+            (m, dnq["ptq"].get(m, {}).get(b), records["sgd"]["ptq"].get(m, {}).get(b))
+            for bb, m in cols
+            if bb == b
         ]
         diffs = [(m, d - s) for m, d, s in pairs if d is not None and s is not None]
         mark = "" if f"dnq_{b}" in records else "*"
