@@ -38,3 +38,23 @@ run_grid() {
   done
   return $status
 }
+
+# run_fair_grid NAME WORKDIR CELLS_ARRAY "ORDER" "PICKED" GRID_ARGS...: the grid of the named
+# cells (PICKED, a subset of ORDER, or all of ORDER when empty; each CELLS_ARRAY[name] holds
+# its overrides) in the fair evaluation's workdir, after restoring the seed-0 cells that
+# experiments/fair_eval.sh and experiments/authors_path.sh trained (final variables and
+# warm-ups), for the cells of the same name and settings.
+run_fair_grid() {
+  local name=$1 workdir=$2 order=$4 picked=$5 cell parked
+  local -n cells_=$3
+  shift 5
+  local args=("$@")
+  for cell in ${picked:-$order}; do
+    [ -n "${cells_[$cell]:-}" ] || { echo "unknown cell $cell; choose from: $order" >&2; return 2; }
+    args+=(--cell "$cell:${cells_[$cell]}")
+  done
+  for parked in dnq_table_fair authors_path; do
+    "$PYTHON" experiments/park.py restore "$workdir" "$parked"
+  done
+  run_grid "$name" "$workdir" "${args[@]}"
+}

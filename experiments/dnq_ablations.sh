@@ -58,14 +58,5 @@ declare -A CELL=(
 # trains its own.
 ORDER="w_scale lambda_half swa wqn aqn naive accumulate ramp_cosine ramp_exp calib16 calib1024"
 ORDER+=" bn_off noise_early w_scale_half"
-ARGS=(--config "$TABLE_CONFIG" --seeds "${SEEDS:-0}" --ptq rtn,qdrop --ptq-iters "${ITERS:-5000}")
-for name in ${CELLS:-$ORDER}; do
-  [ -n "${CELL[$name]:-}" ] || { echo "unknown cell $name; choose from: $ORDER" >&2; exit 2; }
-  ARGS+=(--cell "$name:${CELL[$name]}")
-done
-# The seed-0 cells the fair evaluation and the authors' path trained (final variables and
-# warm-ups), for this grid's cells of the same name and settings.
-for parked in dnq_table_fair authors_path; do
-  "$PYTHON" experiments/park.py restore "$WORKDIR" "$parked"
-done
-run_grid "$NAME" "$WORKDIR" "${ARGS[@]}"
+run_fair_grid "$NAME" "$WORKDIR" CELL "$ORDER" "${CELLS:-}" --config "$TABLE_CONFIG" \
+  --seeds "${SEEDS:-0}" --ptq rtn,qdrop --ptq-iters "${ITERS:-5000}"

@@ -45,15 +45,5 @@ declare -A CELL=(
   [authors_w2a2]="method=authors,$(bits 2 2)"
 )
 ORDER="sgd dnq_w2a4 naive lam08 authors dnq_w4a4 dnq_w2a2 authors_w4a4 authors_w2a2"
-ARGS=(--config "$TABLE_CONFIG" --seeds "${SEEDS:-0,1,2}" --ptq rtn,qdrop)
-ARGS+=(--ptq-iters "${ITERS:-5000}")
-for name in ${ROWS:-$ORDER}; do
-  [ -n "${CELL[$name]:-}" ] || { echo "unknown row $name; choose from: $ORDER" >&2; exit 2; }
-  ARGS+=(--cell "$name:${CELL[$name]}")
-done
-# The seed-0 cells the fair evaluation and the authors' path trained (final variables and
-# warm-ups), for this grid's cells of the same name and settings.
-for parked in dnq_table_fair authors_path; do
-  "$PYTHON" experiments/park.py restore "$WORKDIR" "$parked"
-done
-run_grid "$NAME" "$WORKDIR" "${ARGS[@]}"
+run_fair_grid "$NAME" "$WORKDIR" CELL "$ORDER" "${ROWS:-}" --config "$TABLE_CONFIG" \
+  --seeds "${SEEDS:-0,1,2}" --ptq rtn,qdrop --ptq-iters "${ITERS:-5000}"
