@@ -35,10 +35,6 @@ declare -A CELL=(
   [uniform]="method=dnq,noise.dist=uniform,$W2A4"
 )
 ORDER="dnq_w2a4 naive lam08 symmetric leftover relu uniform authors"
-ARGS=(--config "$TABLE_CONFIG" --seeds "${SEEDS:-0}" --ptq "${PTQ:-rtn,qdrop}")
-ARGS+=(--ptq-iters "${ITERS:-5000}")
-for name in ${CELLS:-$ORDER}; do
-  [ -n "${CELL[$name]:-}" ] || { echo "unknown cell $name; choose from: $ORDER" >&2; exit 2; }
-  ARGS+=(--cell "$name:${CELL[$name]}")
-done
-run_grid "$NAME" "$WORKDIR" "${ARGS[@]}"
+# Its first row is the fair evaluation's dnq_w2a4_s0 (restored with its warm-up).
+run_fair_grid "$NAME" "$WORKDIR" CELL "$ORDER" "${CELLS:-}" --config "$TABLE_CONFIG" \
+  --seeds "${SEEDS:-0}" --ptq "${PTQ:-rtn,qdrop}" --ptq-iters "${ITERS:-5000}"
