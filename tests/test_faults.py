@@ -28,8 +28,10 @@ from dnq_jax.train.loop import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 # 3 epochs of 4 steps: warm-up, then noise from epoch 1, SWA from epoch 2; a checkpoint per
-# epoch at steps 4, 8, 12 (the newest 2 kept).
-SMOKE = "smoke,optim.num_epochs=3,eval.bits=w8a8,runtime.progress=False,runtime.num_devices=1"
+# epoch at steps 4, 8, 12 (the newest 2 kept). FP32 alone at the end; the reference run, the
+# one the evaluate.py tests read, adds W8A8 (an evaluation key: a resumed run may differ).
+SMOKE = "smoke,optim.num_epochs=3,eval.bits=,runtime.progress=False,runtime.num_devices=1"
+REFERENCE = SMOKE + ",eval.bits=w8a8"
 
 
 def _env() -> dict:
@@ -113,31 +115,20 @@ def _listing(path) -> list[str] | None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """name -> (workdir, CompletedProcess) of the runs that need no interaction. The
-    reference and the NaN run start together (each compiles mostly on one core); the
-    rollback run, whose poisoned step is the NaN run's, starts when that one has finished
-    and finds its programs in the shared compilation cache."""
+    """name -> (workdir, CompletedProcess) of the runs that need no interaction, one after
+    the other: the NaN run finds all but its poisoned step in the compilation cache the
+    reference filled, and the rollback run (whose poisoned step is the NaN run's) finds it
+    all there (run side by side, each would compile everything itself)."""
     base = tmp_path_factory.mktemp("runs")
     commands = {
-        "reference": _train_cmd(base / "reference"),  # what every fault test is compared with
+        # What every fault test is compared with.
+        "reference": _train_cmd(base / "reference", REFERENCE),
         "nan": _train_cmd(base / "nan", nan_step=9),
         "rollback": _train_cmd(
             base / "rollback", SMOKE + ",runtime.rollback_on_nan=True", nan_step=9
         ),
     }
-    procs = {k: (base / k, _start(commands[k])) for k in ("reference", "nan")}
-    out = {}
-
-    def finish(k):
-        wd, proc = procs[k]
-        stdout, stderr = _finish(proc)
-        out[k] = (wd, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
-
-    finish("nan")
-    procs["rollback"] = (base / "rollback", _start(commands["rollback"]))
-    finish("reference")
-    finish("rollback")
-    return out
+    return {k: (base / k, _run(cmd)) for k, cmd in commands.items()}
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +214,7 @@ def test_checkpoints_without_orbax_marker_files_are_kept_and_resumed(reference, 
     for p in wd.rglob("commit_success.txt"):  # none with versions that never write it
         p.unlink()
     before = _listing(wd / "checkpoints")
-    r = _run(_train_cmd(wd))
+    r = _run(_train_cmd(wd, REFERENCE))
     assert r.returncode == 0, r.stderr
     assert "moved aside" not in r.stdout and "unreadable" not in r.stdout
     assert "resumed from step 12" in r.stdout

@@ -45,7 +45,12 @@ def count_batchnorms(batch_stats) -> int:
     )
 
 
-@pytest.mark.parametrize("name", models.names())
+# Every family of the zoo once: the CIFAR ResNets of other depths (20, 32, 56) stack the
+# same blocks as resnet8, and their BatchNorms fold by the same rule.
+ZOO_FAMILIES = [n for n in models.names() if n not in ("resnet20", "resnet32", "resnet56")]
+
+
+@pytest.mark.parametrize("name", ZOO_FAMILIES)
 def test_folded_zoo_model_matches_original(name):
     model = models.create(name, num_classes=7)
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))

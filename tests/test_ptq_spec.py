@@ -116,12 +116,12 @@ def test_old_reconstruction_keywords_warn_and_give_the_same_model(net):
     model, variables, x = net
     spec = QuantSpec(w_bits=2, a_bits=4)
     # A ReconSettings object here; the mapping form ({"iters": ...}) is what the other PTQ
-    # tests use.
-    given = ReconSettings.for_method("qdrop", iters=3, chunk=2)
+    # tests use. Two chunks of 2 iterations: one compiled program per block.
+    given = ReconSettings.for_method("qdrop", iters=4, chunk=2)
     new = ptq.quantize(model, variables, x, spec, method="qdrop", recon=given)
     with pytest.warns(DeprecationWarning, match="recon"):
         old = ptq.quantize(
-            model, variables, x, spec, method="qdrop", iters=3, recon_options={"chunk": 2}
+            model, variables, x, spec, method="qdrop", iters=4, recon_options={"chunk": 2}
         )
     same_model(new, old, x)
     # RTN never rejected seed and progress, and still does not.

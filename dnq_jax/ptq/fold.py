@@ -169,34 +169,41 @@ def fold_batchnorm(
       ValueError: if the model cannot be applied to `args`, or has no Conv/Dense layer.
     """
     graph, plan = _plan(model, variables, args, apply_kwargs, graph)
-    params = variables["params"]
     stats = variables.get("batch_stats", {})
-    flat = dict(traverse_util.flatten_dict(params))
-    biases: dict[str, jax.Array] = {}
-    for site, bn_path, bn in plan:
-        layer = graph[site]
-        path, idx = layer.path, layer.stack_index
-        bn_stats = _get(stats, bn_path)
-        if bn_stats is None:
+    for _, bn_path, _ in plan:
+        if _get(stats, bn_path) is None:
             raise ValueError(f"variables: no 'batch_stats' for the BatchNorm {'/'.join(bn_path)}")
-        # Fold in float32 whatever the storage dtype: rsqrt and the products lose too much
-        # in half precision, and the folded values are cast back to the kernel's dtype.
-        mean, var = _f32(bn_stats["mean"], idx), _f32(bn_stats["var"], idx)
-        gamma = _f32(_get(params, bn_path + ("scale",)), idx) if bn.use_scale else 1.0
-        beta = _f32(_get(params, bn_path + ("bias",)), idx) if bn.use_bias else 0.0
-        scale = gamma * jax.lax.rsqrt(var + bn.epsilon)
-        conv_bias = jnp.float32(0.0)
-        if path + ("bias",) in flat:
-            stored = flat[path + ("bias",)]
-            conv_bias = _f32(stored, idx)
-            flat[path + ("bias",)] = stored.at[idx].set(0) if idx else jnp.zeros_like(stored)
-        biases[site] = beta + (conv_bias - mean) * scale
-        stored = flat[path + ("kernel",)]
-        kernel = _f32(stored, idx)
-        new = (kernel * scale).astype(stored.dtype)
-        flat[path + ("kernel",)] = stored.at[idx].set(new) if idx else new
+
+    def fold_all(params, stats):
+        flat = dict(traverse_util.flatten_dict(params))
+        biases: dict[str, jax.Array] = {}
+        for site, bn_path, bn in plan:
+            layer = graph[site]
+            path, idx = layer.path, layer.stack_index
+            bn_stats = _get(stats, bn_path)
+            # Fold in float32 whatever the storage dtype: rsqrt and the products lose too
+            # much in half precision, and the folded values are cast back to the kernel's.
+            mean, var = _f32(bn_stats["mean"], idx), _f32(bn_stats["var"], idx)
+            gamma = _f32(_get(params, bn_path + ("scale",)), idx) if bn.use_scale else 1.0
+            beta = _f32(_get(params, bn_path + ("bias",)), idx) if bn.use_bias else 0.0
+            scale = gamma * jax.lax.rsqrt(var + bn.epsilon)
+            conv_bias = jnp.float32(0.0)
+            if path + ("bias",) in flat:
+                stored = flat[path + ("bias",)]
+                conv_bias = _f32(stored, idx)
+                flat[path + ("bias",)] = stored.at[idx].set(0) if idx else jnp.zeros_like(stored)
+            biases[site] = beta + (conv_bias - mean) * scale
+            stored = flat[path + ("kernel",)]
+            kernel = _f32(stored, idx)
+            new = (kernel * scale).astype(stored.dtype)
+            flat[path + ("kernel",)] = stored.at[idx].set(new) if idx else new
+        return traverse_util.unflatten_dict(flat), biases
+
+    # One compiled program for all the pairs: op by op, every distinct shape would compile
+    # its own small programs (seconds for a MobileNetV2).
+    params, biases = jax.jit(fold_all)(variables["params"], stats)
     folded = dict(variables)
-    folded["params"] = traverse_util.unflatten_dict(flat)
+    folded["params"] = params
     folded[FOLDED_BIAS] = biases
     return folded, tuple((site, bn_path) for site, bn_path, _ in plan)
 
