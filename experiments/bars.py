@@ -1,0 +1,202 @@
+"""The study's two bars, seed by seed: does a row keep FP32 within 0.5 of SGD's and gain at
+least +1.0 over SGD under QDrop, at one bit-width, over the seeds both have finished?
+
+Reads grid results (`grid.json`, experiments/results/NAME.json; later files fill what earlier
+ones lack) whose cells are named SETTING_sSEED, the points of experiments/qdrop_iters.py at
+the same count, and a grid's cells/ folder (each cell's ptq_<method>.json); pairs each row's
+cell with the baseline's of the same seed, and prints per row the mean and sample std of the
+paired differences (FP32, RTN and QDrop against the baseline), whether each bar is met on the
+mean, and the per-seed differences; `--out` writes the markdown. A row judged on fewer than
+`--min-seeds` seeds is marked provisional. QDrop results of grids run at another iteration
+count are refused.
+
+  python experiments/bars.py --grids experiments/results/qdrop_iters.json,\\
+      experiments/results/authors_path_rtn.json,experiments/results/authors_path.json,\\
+      experiments/results/fair_table.json --out experiments/results/fair_bars.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+CELL = re.compile(r"(?P<setting>.+)_s(?P<seed>\d+)$")
+
+
+def load(paths: list[str], qdrop_iters: int) -> dict[tuple[str, int], dict]:
+    """(setting, seed) -> {'fp32': x, 'rtn': x, 'qdrop': x} over all bit-widths as
+    {'rtn': {bits: acc}, ...}; a grid whose QDrop ran at another count is refused."""
+    cells: dict[tuple[str, int], dict] = {}
+    for p in paths:
+        if Path(p).is_dir():  # a grid's cells/ folder: each cell's ptq_<method>.json
+            for f in sorted(Path(p).glob("*/ptq_*.json")):
+                m, doc = CELL.match(f.parent.name), json.loads(f.read_text())
+                settings = doc.get("settings", {})
+                if not m or (
+                    settings.get("method") == "qdrop" and settings.get("iters") != qdrop_iters
+                ):
+                    continue
+                rec = cells.setdefault((m["setting"], int(m["seed"])), {"fp32": None})
+                rec["fp32"] = doc.get("fp32", rec["fp32"])
+                accs = {b: doc[b] for b in settings.get("bits", []) if b in doc}
+                rec.setdefault(settings.get("method"), {}).update(accs)
+            continue
+        doc = json.loads(Path(p).read_text())
+        if "points" in doc:  # experiments/qdrop_iters.py: its points at this count
+            for point in doc["points"]:
+                m = CELL.match(point["cell"])
+                if m and point["iters"] == qdrop_iters:
+                    rec = cells.setdefault((m["setting"], int(m["seed"])), {"fp32": None})
+                    rec["fp32"] = rec["fp32"] if rec["fp32"] is not None else point["fp32"]
+                    rec.setdefault(doc["method"], {})[point["bits"]] = point["top1"]
+            continue
+        methods = doc.get("ptq") or ""
+        if "qdrop" in methods and doc.get("ptq_iters") != qdrop_iters:
+            raise SystemExit(
+                f"{p}: QDrop at {doc.get('ptq_iters')} iterations per block, not "
+                f"{qdrop_iters} (--qdrop-iters)"
+            )
+        for cell in doc["cells"]:
+            m = CELL.match(cell["name"])
+            if not m:
+                continue
+            rec = cells.setdefault((m["setting"], int(m["seed"])), {"fp32": None})
+            if cell.get("fp32") is not None:
+                rec["fp32"] = cell["fp32"]
+            for method, accs in (cell.get("ptq") or {}).items():
+                rec.setdefault(method, {}).update(accs)
+    return cells
+
+
+def _stats(xs: list[float]) -> tuple[float, float | None]:
+    mean = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def differences(cells: dict, baseline: str, bits: str) -> dict[str, dict[str, dict[int, float]]]:
+    """setting -> measure ('FP32', 'RTN', 'QDrop') -> seed -> row minus baseline, for the
+    seeds where both have the measurement."""
+
+    def measure(rec: dict, name: str) -> float | None:
+        if name == "FP32":
+            return rec.get("fp32")
+        return (rec.get(name.lower()) or {}).get(bits)
+
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    for (setting, seed), rec in sorted(cells.items()):
+        base = cells.get((baseline, seed))
+        if setting == baseline or base is None:
+            continue
+        row = out.setdefault(setting, {"FP32": {}, "RTN": {}, "QDrop": {}})
+        for name in row:
+            a, b = measure(rec, name), measure(base, name)
+            if a is not None and b is not None:
+                row[name][seed] = a - b
+    return out
+
+
+def _fmt(xs: dict[int, float]) -> str:
+    if not xs:
+        return "-"
+    mean, std = _stats(list(xs.values()))
+    return f"{mean:+.2f}" + (f" ± {std:.2f}" if std is not None else "")
+
+
+def report(
+    diffs: dict,
+    *,
+    bits: str,
+    baseline: str,
+    fp32_bar: float,
+    qdrop_bar: float,
+    min_seeds: int,
+    qdrop_iters: int,
+) -> str:
+    head = (
+        f"Paired differences against `{baseline}` (same seed) at {bits.upper()}: mean ± sample "
+        f"std over the seeds both finished; QDrop at {qdrop_iters:,} iterations per block. "
+        f"Bars: FP32 at least -{fp32_bar} and QDrop at least +{qdrop_bar}, on the mean; a "
+        f"row with fewer than {min_seeds} seeds is provisional."
+    )
+    lines = [
+        head,
+        "",
+        "| row | seeds | FP32 | RTN | QDrop | FP32 bar | QDrop bar | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    per_seed = [
+        "",
+        "Per seed (row minus baseline; FP32 / RTN / QDrop):",
+        "",
+        "| row | seed | FP32 | RTN | QDrop |",
+        "|---|---|---|---|---|",
+    ]
+    for setting, row in diffs.items():
+        seeds = sorted(set(row["FP32"]) & set(row["QDrop"]))
+        fp, q = ({s: row[k][s] for s in seeds} for k in ("FP32", "QDrop"))
+        if seeds:
+            fp_ok = _stats(list(fp.values()))[0] >= -fp32_bar
+            q_ok = _stats(list(q.values()))[0] >= qdrop_bar
+            verdict = "meets both" if fp_ok and q_ok else "misses"
+            if len(seeds) < min_seeds:
+                verdict += f" (provisional, {len(seeds)} seed{'s' * (len(seeds) > 1)})"
+            marks = ("yes" if fp_ok else "no", "yes" if q_ok else "no")
+        else:
+            verdict, marks = "no seed with FP32 and QDrop", ("-", "-")
+        seed_list = ",".join(map(str, seeds)) or "-"
+        lines.append(
+            f"| {setting} | {seed_list} | {_fmt(fp)} | {_fmt(row['RTN'])} | {_fmt(q)} | "
+            f"{marks[0]} | {marks[1]} | {verdict} |"
+        )
+        for s in sorted(set(row["FP32"]) | set(row["RTN"]) | set(row["QDrop"])):
+            vals = [row[k].get(s) for k in ("FP32", "RTN", "QDrop")]
+            cells = " | ".join("-" if v is None else f"{v:+.2f}" for v in vals)
+            per_seed.append(f"| {setting} | {s} | {cells} |")
+    return "\n".join(lines + per_seed) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--grids", required=True, help="comma-separated grid json files and cells/ folders"
+    )
+    ap.add_argument("--bits", default="w2a4")
+    ap.add_argument("--baseline", default="sgd")
+    ap.add_argument("--qdrop-iters", type=int, default=5000)
+    ap.add_argument("--fp32-bar", type=float, default=0.5)
+    ap.add_argument("--qdrop-bar", type=float, default=1.0)
+    ap.add_argument("--min-seeds", type=int, default=3)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    paths = [p for p in args.grids.split(",") if p]
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        print(f"no such grid file or cells folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    cells = load(paths, args.qdrop_iters)
+    if not any(setting == args.baseline for setting, _ in cells):
+        print(f"no '{args.baseline}' cell in {', '.join(paths)}", file=sys.stderr)
+        return 2
+    text = report(
+        differences(cells, args.baseline, args.bits),
+        bits=args.bits,
+        baseline=args.baseline,
+        fp32_bar=args.fp32_bar,
+        qdrop_bar=args.qdrop_bar,
+        min_seeds=args.min_seeds,
+        qdrop_iters=args.qdrop_iters,
+    )
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""experiments/bars.py: the study's two bars from paired, same-seed differences, checked
+against numpy on made-up grids (no training)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("bars", ROOT / "experiments" / "bars.py")
+bars = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bars)
+
+# seed -> (FP32, RTN W2A4, QDrop W2A4)
+SGD = {0: (93.20, 37.76, 91.67), 1: (93.00, 50.10, 90.90), 2: (93.40, 44.00, 91.20)}
+GOOD = {0: (93.00, 85.00, 93.10), 1: (92.90, 80.00, 92.20), 2: (93.10, 83.00, 92.00)}
+BAD = {0: (91.74, 81.19, 91.00), 1: (92.00, 77.00, 93.90)}  # seed 2 unfinished
+
+
+def _grid(path, rows: dict, iters=5000):
+    cells = [
+        {
+            "name": f"{name}_s{s}",
+            "fp32": v[0],
+            "ptq": {"rtn": {"w2a4": v[1]}, "qdrop": {"w2a4": v[2]}},
+        }
+        for name, seeds in rows.items()
+        for s, v in seeds.items()
+    ]
+    path.write_text(json.dumps({"ptq": "rtn,qdrop", "ptq_iters": iters, "cells": cells}))
+    return str(path)
+
+
+def test_paired_means_and_stds_match_numpy_and_the_verdicts_follow_the_bars(tmp_path):
+    grid = _grid(tmp_path / "g.json", {"sgd": SGD, "good": GOOD, "bad": BAD})
+    out = tmp_path / "bars.md"
+    assert bars.main(["--grids", grid, "--out", str(out)]) == 0
+    text = out.read_text()
+    summary = text.split("Per seed")[0]  # the first table; the per-seed one follows
+    rows = {
+        ln.split(" | ")[0][2:]: ln.split(" | ") for ln in summary.splitlines() if ln[:2] == "| "
+    }
+    for name, seeds in (("good", GOOD), ("bad", BAD)):
+        for col, k in ((2, 0), (3, 1), (4, 2)):
+            d = np.array([seeds[s][k] - SGD[s][k] for s in seeds], np.float64)
+            want = f"{d.mean():+.2f} ± {d.std(ddof=1):.2f}"
+            assert rows[name][col] == want, (name, col)
+    assert rows["good"][1] == "0,1,2" and rows["good"][-1] == "meets both |"
+    # FP32 -1.23 on average: misses the FP32 bar; QDrop +1.17 meets its own; two seeds only.
+    assert rows["bad"][5:7] == ["no", "yes"]
+    assert rows["bad"][-1] == "misses (provisional, 2 seeds) |"
+    assert "| bad | 1 | -1.00 | +26.90 | +3.00 |" in text
+
+
+def test_the_sweep_points_and_cell_folders_fill_what_the_grids_lack(tmp_path):
+    # SGD's QDrop at the count only in a qdrop_iters.py sweep; its RTN only in its cell folder.
+    sweep = tmp_path / "sweep.json"
+    points = [
+        {"cell": "sgd_s0", "bits": "w2a4", "iters": 5000, "fp32": 93.2, "top1": 91.67},
+        {"cell": "sgd_s0", "bits": "w2a4", "iters": 2000, "fp32": 93.2, "top1": 89.34},
+    ]
+    sweep.write_text(json.dumps({"method": "qdrop", "points": points}))
+    cell = tmp_path / "cells" / "sgd_s0"
+    cell.mkdir(parents=True)
+    rtn = {"fp32": 93.2, "w2a4": 37.76, "settings": {"method": "rtn", "bits": ["w2a4"]}}
+    (cell / "ptq_rtn.json").write_text(json.dumps(rtn))
+    qdrop_200 = {
+        "fp32": 93.2,
+        "w2a4": 68.39,
+        "settings": {"method": "qdrop", "iters": 200, "bits": ["w2a4"]},
+    }
+    (cell / "ptq_qdrop.json").write_text(json.dumps(qdrop_200))  # another count: not read
+    grid = _grid(tmp_path / "g.json", {"dnq": {0: (91.74, 81.19, 91.00)}})
+    cells = bars.load([str(sweep), str(tmp_path / "cells"), grid], 5000)
+    assert cells[("sgd", 0)] == {"fp32": 93.2, "qdrop": {"w2a4": 91.67}, "rtn": {"w2a4": 37.76}}
+    diffs = bars.differences(cells, "sgd", "w2a4")
+    want = {"FP32": {0: -1.46}, "RTN": {0: 43.43}, "QDrop": {0: -0.67}}
+    assert {k: v[0] for k, v in diffs["dnq"].items()} == pytest.approx(
+        {k: v[0] for k, v in want.items()}
+    )
+
+
+def test_refusals(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="200 iterations per block, not 5000"):
+        bars.load([_grid(tmp_path / "g200.json", {"sgd": SGD}, iters=200)], 5000)
+    assert bars.main(["--grids", str(tmp_path / "absent.json")]) == 2
+    assert "no such grid file" in capsys.readouterr().err
+    assert bars.main(["--grids", _grid(tmp_path / "g.json", {"good": GOOD})]) == 2
+    assert "no 'sgd' cell" in capsys.readouterr().err
