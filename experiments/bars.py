@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -72,13 +72,6 @@ def load(paths: list[str], qdrop_iters: int) -> dict[tuple[str, int], dict]:
     return cells
 
 
-def _stats(xs: list[float]) -> tuple[float, float | None]:
-    mean = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
-
-
 def differences(cells: dict, baseline: str, bits: str) -> dict[str, dict[str, dict[int, float]]]:
     """setting -> measure ('FP32', 'RTN', 'QDrop') -> seed -> row minus baseline, for the
     seeds where both have the measurement."""
@@ -104,8 +97,10 @@ def differences(cells: dict, baseline: str, bits: str) -> dict[str, dict[str, di
 def _fmt(xs: dict[int, float]) -> str:
     if not xs:
         return "-"
-    mean, std = _stats(list(xs.values()))
-    return f"{mean:+.2f}" + (f" ± {std:.2f}" if std is not None else "")
+    vals = list(xs.values())
+    return f"{statistics.mean(vals):+.2f}" + (
+        f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""
+    )
 
 
 def report(
@@ -141,8 +136,8 @@ def report(
         seeds = sorted(set(row["FP32"]) & set(row["QDrop"]))
         fp, q = ({s: row[k][s] for s in seeds} for k in ("FP32", "QDrop"))
         if seeds:
-            fp_ok = _stats(list(fp.values()))[0] >= -fp32_bar
-            q_ok = _stats(list(q.values()))[0] >= qdrop_bar
+            fp_ok = statistics.mean(fp.values()) >= -fp32_bar
+            q_ok = statistics.mean(q.values()) >= qdrop_bar
             verdict = "meets both" if fp_ok and q_ok else "misses"
             if len(seeds) < min_seeds:
                 verdict += f" (provisional, {len(seeds)} seed{'s' * (len(seeds) > 1)})"
