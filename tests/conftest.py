@@ -9,22 +9,14 @@ import tempfile
 # The suite is compile-bound (tiny models, few steps): XLA:CPU's backend optimization level
 # 1 instead of the default compiles faster for code that runs about as fast here (level 0
 # compiles faster still but runs a scanned epoch several times slower). Set before the CPU
-# backend is created; subprocesses of the tests inherit it, but for the fault tests' (their
-# bit-exact comparisons, default_xla_env). The library and the benchmarks run with XLA's
-# defaults.
+# backend is created; the tests' subprocesses inherit it, so runs compared bit for bit are
+# built alike. The library and the benchmarks run with XLA's defaults.
 OPT_FLAG = "--xla_backend_optimization_level=1"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + OPT_FLAG).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
-
-
-def default_xla_env(env: dict) -> dict:
-    """`env` with XLA's default optimization level: for subprocesses whose results are
-    compared bit for bit with those of a differently built program (fusion decisions, and so
-    float rounding, differ between levels)."""
-    return {**env, "XLA_FLAGS": env.get("XLA_FLAGS", "").replace(OPT_FLAG, "").strip()}
 
 
 # Must run before the CPU backend is created; it does not affect a GPU/TPU backend.
