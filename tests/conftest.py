@@ -18,7 +18,6 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-
 # Must run before the CPU backend is created; it does not affect a GPU/TPU backend.
 jax.config.update("jax_num_cpu_devices", 8)
 
