@@ -6,13 +6,15 @@ ones lack) whose cells are named SETTING_sSEED, the points of experiments/qdrop_
 the same count, and a grid's cells/ folder (each cell's ptq_<method>.json); pairs each row's
 cell with the baseline's of the same seed, and prints per row the mean and sample std of the
 paired differences (FP32, RTN and QDrop against the baseline), whether each bar is met on the
-mean, and the per-seed differences; `--out` writes the markdown. A row judged on fewer than
+mean, and the per-seed differences; `--out` writes the markdown, `--plot` a figure (each
+row's per-seed differences and their mean against the two bars). A row judged on fewer than
 `--min-seeds` seeds is marked provisional. QDrop results of grids run at another iteration
 count are refused.
 
   python experiments/bars.py --grids experiments/results/qdrop_iters.json,\\
       experiments/results/authors_path_rtn.json,experiments/results/authors_path.json,\\
-      experiments/results/fair_table.json --out experiments/results/fair_bars.md
+      experiments/results/fair_table.json --out experiments/results/fair_bars.md \\
+      --plot experiments/results/fair_bars.png
 """
 
 from __future__ import annotations
@@ -156,6 +158,34 @@ def report(
     return "\n".join(lines + per_seed) + "\n"
 
 
+def plot(diffs: dict, path: str, *, bits: str, baseline: str, fp32_bar: float, qdrop_bar: float):
+    """Two panels, FP32 and QDrop minus the baseline: each row's seeds (dots) and their mean
+    (a bar), the study's bar as a dashed line; a row is on the good side right of the line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(diffs)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(names) + 1.6), sharey=True)
+    for ax, measure, bar in ((axes[0], "FP32", -fp32_bar), (axes[1], "QDrop", qdrop_bar)):
+        for y, name in enumerate(names):
+            vals = list(diffs[name][measure].values())
+            if vals:
+                ax.barh(y, statistics.mean(vals), color="#9ecae1", height=0.6)
+                ax.plot(vals, [y] * len(vals), "o", color="#08519c", ms=4)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.axvline(bar, color="#d62728", ls="--", lw=1, label=f"bar ({bar:+g})")
+        ax.set_xlabel(f"{measure} minus {baseline} (points, {bits.upper()})")
+        ax.legend(loc="lower left", fontsize=8)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    fig.suptitle("Paired by seed: dots are seeds, bars their mean")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -168,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qdrop-bar", type=float, default=1.0)
     ap.add_argument("--min-seeds", type=int, default=3)
     ap.add_argument("--out", default="")
+    ap.add_argument("--plot", default="", help="write the figure here (png)")
     args = ap.parse_args(argv)
     paths = [p for p in args.grids.split(",") if p]
     missing = [p for p in paths if not Path(p).exists()]
@@ -178,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     if not any(setting == args.baseline for setting, _ in cells):
         print(f"no '{args.baseline}' cell in {', '.join(paths)}", file=sys.stderr)
         return 2
+    diffs = differences(cells, args.baseline, args.bits)
     text = report(
-        differences(cells, args.baseline, args.bits),
+        diffs,
         bits=args.bits,
         baseline=args.baseline,
         fp32_bar=args.fp32_bar,
@@ -190,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text, end="")
     if args.out:
         Path(args.out).write_text(text)
+    if args.plot:
+        bars = {"fp32_bar": args.fp32_bar, "qdrop_bar": args.qdrop_bar}
+        plot(diffs, args.plot, bits=args.bits, baseline=args.baseline, **bars)
     return 0
 
 

@@ -36,7 +36,9 @@ def _grid(path, rows: dict, iters=5000):
 def test_paired_means_and_stds_match_numpy_and_the_verdicts_follow_the_bars(tmp_path):
     grid = _grid(tmp_path / "g.json", {"sgd": SGD, "good": GOOD, "bad": BAD})
     out = tmp_path / "bars.md"
-    assert bars.main(["--grids", grid, "--out", str(out)]) == 0
+    fig = tmp_path / "bars.png"
+    assert bars.main(["--grids", grid, "--out", str(out), "--plot", str(fig)]) == 0
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = out.read_text()
     summary = text.split("Per seed")[0]  # the first table; the per-seed one follows
     rows = {
