@@ -223,8 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(text)
     if args.plot:
-        bars = {"fp32_bar": args.fp32_bar, "qdrop_bar": args.qdrop_bar}
-        plot(diffs, args.plot, bits=args.bits, baseline=args.baseline, **bars)
+        plot(
+            diffs,
+            args.plot,
+            bits=args.bits,
+            baseline=args.baseline,
+            fp32_bar=args.fp32_bar,
+            qdrop_bar=args.qdrop_bar,
+        )
     return 0
 
 

@@ -15,17 +15,17 @@
 # Environment: MODELS (resnet20 mobilenet_v2), SEEDS (0,1,2), PRESET (fast: the paper's
 # protocol scaled to 40 epochs, noise from 20, SWA over the last 10; paper: 400 epochs, noise
 # from 200, SWA from 300), PTQ (rtn,qdrop), PTQ_ITERS (5000 reconstruction iterations per
-# block; the paper uses 20,000), ROWS (a subset of the rows below, by name), EXTRA (more config pairs, e.g.
-# optim.batch_size=128), WORKDIR_ROOT
-# (workdirs), PYTHON. The data file is found as configs/resnet.py says (runtime.npz_path,
+# block; the paper uses 20,000), ROWS (a subset of the rows below, by name), EXTRA (more
+# config pairs, e.g. optim.batch_size=128), WORKDIR_ROOT (workdirs), PYTHON. The data file is found as configs/resnet.py says (runtime.npz_path,
 # else DNQ_CIFAR10_JPEG, else ../shared/data/ beside the repository).
 #
 # Rows: ResNet-20 at W4A4, W2A4 and W2A2 (sgd evaluated at all three; one dnq cell and one
 # authors cell, `method=authors`: the recipe of the paper's public code, docs/protocol.md,
-# per target; naive_w2a4, `method=naive`: the weight noise the authors' code applies in effect,
-# the variant of the Fashion-MNIST study closest to both bars); MobileNetV2 at W4A4 and W2A4 (the paper reports it at W4A4). The grid prints
-# each cell's wall time as it finishes ("... done (N s)") and grid.md keeps it. Batch 64, lr 0.015
-# cosine, wd 1e-3, label smoothing 0.1 (the paper's; configs/resnet.py). With the shared
+# per target; naive_w2a4, `method=naive`: the weight noise the authors' code applies in
+# effect, the variant of the Fashion-MNIST study closest to both bars); MobileNetV2 at W4A4
+# and W2A4 (the paper reports it at W4A4). The grid prints each cell's wall time as it
+# finishes ("... done (N s)") and grid.md keeps it. Batch 64, lr 0.015 cosine, wd 1e-3, label
+# smoothing 0.1 (the paper's; configs/resnet.py). With the shared
 # warm-ups each DNQ cell after the first of its seed trains only the noise stage.
 #
 # Not timed on a GPU yet. Projection from benchmarks/RESULTS.md (a scanned ResNet-20 epoch of
