@@ -16,8 +16,9 @@
 # protocol scaled to 40 epochs, noise from 20, SWA over the last 10; paper: 400 epochs, noise
 # from 200, SWA from 300), PTQ (rtn,qdrop), PTQ_ITERS (5000 reconstruction iterations per
 # block; the paper uses 20,000), ROWS (a subset of the rows below, by name), EXTRA (more
-# config pairs, e.g. optim.batch_size=128), WORKDIR_ROOT (workdirs), PYTHON. The data file is found as configs/resnet.py says (runtime.npz_path,
-# else DNQ_CIFAR10_JPEG, else ../shared/data/ beside the repository).
+# config pairs, e.g. optim.batch_size=128), WORKDIR_ROOT (workdirs), PYTHON. The data file
+# is found as configs/resnet.py says (runtime.npz_path, else DNQ_CIFAR10_JPEG, else
+# ../shared/data/ beside the repository).
 #
 # Rows: ResNet-20 at W4A4, W2A4 and W2A2 (sgd evaluated at all three; one dnq cell and one
 # authors cell, `method=authors`: the recipe of the paper's public code, docs/protocol.md,
