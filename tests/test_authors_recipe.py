@@ -268,6 +268,20 @@ def test_method_authors_sets_every_key_of_the_recipe_and_config_json_records_it(
             config_lib.validate(resnet.get_config("smoke," + bad))
 
 
+def test_method_lam08_is_naive_at_lambda_08_and_nothing_else_of_the_recipe():
+    c = resnet.get_config("smoke,method=lam08")
+    naive = config_lib.flat(resnet.get_config("smoke,method=naive"))
+    differ = {k: v for k, v in config_lib.flat(c).items() if naive[k] != v}
+    assert differ == {"noise.lambda_max": 0.8}
+    assert config_lib.method_name(c) == "lam08"
+    # The study's spelling of the row names it too; one more key of the authors' recipe
+    # makes it neither preset (the name falls back to the switches).
+    spelled = resnet.get_config("smoke,method=naive,noise.lambda_max=0.8")
+    assert config_lib.method_name(spelled) == "lam08"
+    sym = resnet.get_config("smoke,method=lam08,noise.w_quantizer=symmetric")
+    assert config_lib.method_name(sym) == "naive"
+
+
 def test_method_authors_trains_end_to_end_on_the_smoke_config(tmp_path):
     from dnq_jax.train import metrics
     from dnq_jax.train.loop import train_and_evaluate

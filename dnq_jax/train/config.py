@@ -92,7 +92,7 @@ def build(arg: str | None = None, **defaults) -> ml_collections.ConfigDict:
 
 def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
     """Set the four ablation switches of `method` (sgd, swa, wqn, aqn, dnq, naive, ...), or
-    every key of a recipe (`authors`)."""
+    every key of a recipe (`authors`, `lam08`)."""
     if method in RECIPES:
         return apply_pairs(c, [f"{k}={v}" for k, v in RECIPES[method].items()])
     if method not in METHODS:
@@ -130,10 +130,13 @@ def uses_noise(c: ml_collections.ConfigDict) -> bool:
 
 
 def method_name(c: ml_collections.ConfigDict) -> str:
-    """The preset the config matches (a recipe's every key, else the switches), or 'custom'."""
-    values = flat(c)
+    """The preset the config matches, or 'custom'. A recipe matches when every key that any
+    recipe sets holds that recipe's value (the keys it leaves, their defaults); else the
+    preset of the four switches."""
+    values, base = flat(c), flat(base_config())
+    recipe_keys = {k for keys in RECIPES.values() for k in keys}
     for name, keys in RECIPES.items():
-        if all(values[k] == v for k, v in keys.items()):
+        if all(values[k] == keys.get(k, base[k]) for k in recipe_keys):
             return name
     switches = (c.noise.weight, bool(c.noise.act), bool(c.swa.enabled), bool(c.optim.sam))
     return next((m for m, s in METHODS.items() if s == switches), "custom")
