@@ -262,9 +262,7 @@ def test_qdrop_masks_at_its_own_rate_are_fair_coins_of_each_input_shape(mlp, mon
     assert drawn == []
 
 
-def test_the_progress_bar_shows_each_blocks_last_loss_and_changes_nothing(
-    mlp, capsys, monkeypatch
-):
+def test_the_progress_bar_shows_each_blocks_last_loss_and_changes_nothing(mlp, capsys, monkeypatch):
     """With a bar the losses are read now and then, not every iteration (each read waits
     for its iteration); the last one always, so the bar ends on the block's final loss."""
     run, one = mlp
