@@ -242,9 +242,13 @@ def test_qdrop_without_dropping_is_brecq(mlp):
     ]
 
 
-def test_qdrop_masks_at_its_own_rate_are_fair_coins_of_each_input_shape(mlp, monkeypatch):
+def test_qdrop_masks_are_fair_coins_and_its_bar_ends_on_each_blocks_last_loss(
+    mlp, capsys, monkeypatch
+):
     """At drop_prob 0.5 each quantized input's mask is `prng.fair_coins` of its shape (32
-    coins per random word, tests/test_prng.py); at any other rate a Bernoulli draw."""
+    coins per random word, tests/test_prng.py); at any other rate a Bernoulli draw. With a
+    bar the losses are read now and then (each reading waits for its iteration), the last
+    always; neither changes the result."""
     run, one = mlp
     drawn = []
     coins = block_problem.prng.fair_coins
@@ -254,24 +258,16 @@ def test_qdrop_masks_at_its_own_rate_are_fair_coins_of_each_input_shape(mlp, mon
         return coins(key, shape)
 
     monkeypatch.setattr(block_problem.prng, "fair_coins", spy)
-    again = run(chunk=1)
-    assert sorted(set(drawn)) == [(32, 12), (32, 16)]  # the two Dense inputs, batch 32
-    jax.tree.map(np.testing.assert_array_equal, again.variables, one.variables)
-    drawn.clear()
-    run(chunk=1, drop_prob=0.25)
-    assert drawn == []
-
-
-def test_the_progress_bar_shows_each_blocks_last_loss_and_changes_nothing(mlp, capsys, monkeypatch):
-    """With a bar the losses are read now and then, not every iteration (each read waits
-    for its iteration); the last one always, so the bar ends on the block's final loss."""
-    run, one = mlp
-    monkeypatch.setattr(reconstruct, "LOSS_EVERY_S", 1e9)  # only the last is read
+    monkeypatch.setattr(reconstruct, "LOSS_EVERY_S", 1e9)  # only the last loss is read
     shown = run(chunk=1, progress=True)
+    assert sorted(set(drawn)) == [(32, 12), (32, 16)]  # the two Dense inputs, batch 32
     jax.tree.map(np.testing.assert_array_equal, shown.variables, one.variables)
     err = capsys.readouterr().err
     finals = [ln for ln in err.splitlines() if "4/4" in ln]
     assert len(finals) == len(one.report["blocks"]) and all("rec=" in ln for ln in finals), err
+    drawn.clear()
+    run(chunk=1, drop_prob=0.25)
+    assert drawn == []
 
 
 def test_the_scanned_path_and_its_chunks_give_the_straight_line_result(mlp, monkeypatch):
