@@ -150,8 +150,9 @@ def demo_main(argv: list[str] | None = None) -> int:
     )
     flags.DEFINE_string(
         "method",
-        "dnq",
-        "The DNQ models' method or recipe: dnq (the paper's form), naive, authors, ...",
+        demo.DEMO_METHOD,
+        "The DNQ models' method or recipe: lam08 (the in-place noise at lambda_max 0.8), dnq "
+        "(the paper's form), naive, authors, ...",
         flag_values=f,
     )
     flags.DEFINE_string(
