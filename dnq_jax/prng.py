@@ -8,7 +8,8 @@ noise transforms (`dnq_jax.dnq.noise`) and QDrop's drop masks (`dnq_jax.ptq`) dr
 
 `fair_coins(key, shape)` draws independent Bernoulli(1/2) values 32 to a random word (bit j
 of word i is element 32 i + j of the flat array): a thirty-second of the threefry work of a
-Bernoulli draw, which on XLA:CPU spends most of a QDrop iteration's time drawing its masks.
+Bernoulli draw, which spends a word per element. `bernoulli(key, shape, p)` takes it at
+p = 1/2 (QDrop's drop rate) and the flat Bernoulli draw at any other rate.
 """
 
 from __future__ import annotations
@@ -36,3 +37,11 @@ def fair_coins(key: jax.Array, shape: Sequence[int]) -> jax.Array:
     words = jax.random.bits(key, (-(-n // 32),), dtype=jnp.uint32)
     bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
     return bits.reshape(-1)[:n].astype(bool).reshape(shape)
+
+
+def bernoulli(key: jax.Array, shape: Sequence[int], p: float) -> jax.Array:
+    """A boolean array of `shape`, each element True with probability `p` (a Python float):
+    `fair_coins` at 1/2, else a flat ``jax.random.bernoulli`` draw."""
+    if p == 0.5:
+        return fair_coins(key, shape)
+    return flat_draw(jax.random.bernoulli, key, shape, p=p)

@@ -59,3 +59,12 @@ def test_fair_coins_are_fair_and_independent():
     se2 = np.sqrt(3) / 4 / np.sqrt(n)
     for x, y in ((a[:-1], a[1:]), (a[:-32], a[32:]), (a, b)):
         assert abs((x * y).mean() - 0.25) < 5 * se2 * np.sqrt(n / len(x))
+
+
+def test_bernoulli_is_fair_coins_at_one_half_and_the_flat_draw_elsewhere():
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(
+        np.asarray(prng.bernoulli(key, (5, 7), 0.5)), np.asarray(prng.fair_coins(key, (5, 7)))
+    )
+    want = prng.flat_draw(jax.random.bernoulli, key, (5, 7), p=0.3)
+    np.testing.assert_array_equal(np.asarray(prng.bernoulli(key, (5, 7), 0.3)), np.asarray(want))

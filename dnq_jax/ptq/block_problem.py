@@ -216,11 +216,7 @@ class BlockProblem:
             xq = rounding.lsq_fake_quant(x, scale, act_zero[name], self.a_bits[name])
             if drop > 0:
                 k = jax.random.fold_in(key, index[name])
-                if drop == 0.5:  # QDrop's own rate: 32 coins per random word
-                    keep_float = prng.fair_coins(k, x.shape)
-                else:
-                    keep_float = prng.flat_draw(jax.random.bernoulli, k, x.shape, p=drop)
-                xq = jnp.where(keep_float, x, xq)
+                xq = jnp.where(prng.bernoulli(k, x.shape, drop), x, xq)
             return call(xq)
 
         with fold.folded(self.biases, self.cal.bn_pairs):
