@@ -1,8 +1,9 @@
 """Faults a training run must survive without losing work, and bad input it must refuse.
 
 Real signals and exits need a real process, so those tests run `train.py` / `evaluate.py` as
-subprocesses (one CPU device, sharing the tests' compilation cache); the rest run in-process.
-Every resumed run is compared bit-exactly with one uninterrupted run of the same command.
+subprocesses (training on one of the tests' 8 host devices, sharing their compilation cache);
+the rest run in-process. Every resumed run is compared bit-exactly with one uninterrupted run
+of the same training settings: the session's smoke run (conftest.py).
 """
 
 import json
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import SMOKE_RUN
 
 from configs import resnet
 from dnq_jax.errors import ConfigError
@@ -26,10 +28,12 @@ from dnq_jax.train import builders, checkpoint, metrics
 from dnq_jax.train.loop import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
-# 3 epochs of 4 steps: warm-up, then noise from epoch 1, SWA from epoch 2; a checkpoint per
-# epoch at steps 4, 8, 12 (the newest 2 kept). FP32 alone at the end; the reference run, the
-# one the evaluate.py tests read, adds W8A8 (an evaluation key: a resumed run may differ).
-SMOKE = "smoke,optim.num_epochs=3,eval.bits=,runtime.progress=False,runtime.num_devices=1"
+# The session smoke run's training settings (conftest.py): 5 epochs of 4 steps, warm-up, then
+# noise from epoch 1, SWA from epoch 2; a checkpoint per epoch at steps 4, 8, ..., 20, all
+# kept. That run, trained in-process once per session, is the uninterrupted reference every
+# fault run here is compared with, and the run the evaluate.py tests read. The runs here end
+# with FP32 alone (evaluation keys may differ on a resume); REFERENCE measures W8A8 as well.
+SMOKE = "smoke," + SMOKE_RUN + ",eval.bits="
 REFERENCE = SMOKE + ",eval.bits=w8a8"
 
 
@@ -39,6 +43,10 @@ def _env() -> dict:
     # for bit at any optimization level.
     env = dict(os.environ)
     env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir or ""
+    # The same host devices as the tests' process, so the children's programs are the ones
+    # the in-process smoke run compiled (the device count is part of a program's cache key);
+    # they train on one of them (runtime.num_devices=1).
+    env["JAX_NUM_CPU_DEVICES"] = str(jax.config.jax_num_cpu_devices)
     # Children compile the same small functions again and again: cache all of them.
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
@@ -114,27 +122,27 @@ def _listing(path) -> list[str] | None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def reference(smoke_run):
+    """The uninterrupted run every fault run is compared with: the session's smoke run, whose
+    programs (in the compilation cache) the children load. Read it, or copy it first."""
+    wd, results = smoke_run
+    assert results["steps"] == 20
+    return wd
+
+
+@pytest.fixture(scope="module")
+def runs(reference, tmp_path_factory):
     """name -> (workdir, CompletedProcess) of the runs that need no interaction, one after
-    the other: the NaN and rollback runs find their programs in the compilation cache the
-    reference filled (run side by side, each would compile everything itself)."""
+    the other: the rollback run finds its programs in the compilation cache the smoke run and
+    the NaN run filled (run side by side, each would compile what is not there itself)."""
     base = tmp_path_factory.mktemp("runs")
     commands = {
-        # What every fault test is compared with.
-        "reference": _train_cmd(base / "reference", REFERENCE),
         "nan": _train_cmd(base / "nan", nan_step=8),
         "rollback": _train_cmd(
             base / "rollback", SMOKE + ",runtime.rollback_on_nan=True", nan_step=8
         ),
     }
     return {k: (base / k, _run(cmd)) for k, cmd in commands.items()}
-
-
-@pytest.fixture(scope="module")
-def reference(runs):
-    wd, r = runs["reference"]
-    assert r.returncode == 0, r.stderr
-    return wd
 
 
 def test_sigkill_at_a_random_moment_resumes_bit_exactly(reference, tmp_path):
@@ -202,7 +210,7 @@ def test_torn_and_unreadable_checkpoints_are_never_restored(reference, tmp_path)
     # Both moved aside, not deleted, with their contents.
     assert (ck / "12.unreadable").is_dir()
     assert (ck / "12.incomplete" / "junk").read_bytes() == b"\0" * 64
-    assert _steps(wd) == [8, 12] and checkpoint.is_finalized(ck / "12")
+    assert _steps(wd) == [8, 12, 16, 20] and checkpoint.is_finalized(ck / "12")
 
 
 def test_checkpoints_without_orbax_marker_files_are_kept_and_resumed(reference, tmp_path):
@@ -216,7 +224,7 @@ def test_checkpoints_without_orbax_marker_files_are_kept_and_resumed(reference, 
     r = _run(_train_cmd(wd, REFERENCE))
     assert r.returncode == 0, r.stderr
     assert "moved aside" not in r.stdout and "unreadable" not in r.stdout
-    assert "resumed from step 12" in r.stdout
+    assert "resumed from step 20" in r.stdout
     assert _listing(wd / "checkpoints") == before  # nothing removed, nothing moved
     _assert_same_params(_final_params(reference), _final_params(wd))
     got, want = (json.loads((w / "results.json").read_text()) for w in (wd, reference))
@@ -229,7 +237,7 @@ def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(runs,
     assert r.returncode == 6, r.stderr
     msg = " ".join(r.stderr.split())
     assert "Traceback" not in r.stderr
-    for part in ("step 8 (epoch 3 of 3)", "lambda=0.5 ", "w_sigma=", "a_sigma=", "(step 8)"):
+    for part in ("step 8 (epoch 3 of 5)", "lambda=0.5 ", "w_sigma=", "a_sigma=", "(step 8)"):
         assert part in msg, (part, msg)
     assert _steps(wd) == [4, 8] and not (wd / "final").exists()
     # The kept state is the one the clean run had at step 8: nothing after the NaN leaked in.
@@ -245,11 +253,11 @@ def test_rollback_on_nan_halves_lambda_and_finishes(runs, reference):
     assert r.returncode == 0, r.stderr
     assert "Rolled back to step 8; lambda halved (lam_scale=0.5)" in r.stdout
     results = json.loads((wd / "results.json").read_text())
-    assert results["steps"] == 12 and np.isfinite(results["fp32"])
+    assert results["steps"] == 20 and np.isfinite(results["fp32"])
     lam = {r["epoch"]: r["lambda"] for r in metrics.read(wd) if "lambda" in r}
     ref = {r["epoch"]: r["lambda"] for r in metrics.read(reference) if "lambda" in r}
     assert lam[2] == ref[2] and lam[3] == pytest.approx(ref[3] / 2) and ref[3] > 0
-    saved = ocp.StandardCheckpointer().restore(wd / "checkpoints" / "12" / "default")
+    saved = ocp.StandardCheckpointer().restore(wd / "checkpoints" / "20" / "default")
     assert float(saved["lam_scale"]) == 0.5
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(saved["params"]))
 
