@@ -152,7 +152,9 @@ def test_resumed_run_matches_uninterrupted_bit_exactly(smoke_run, tmp_path):
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(wd / "checkpoints" / str(mid), resumed / "checkpoints" / str(mid))
-    train_and_evaluate(_config(RUN), str(resumed))
+    # FP32 alone at the end: the evaluation keys may change on a resume, and what is compared
+    # is the training (final params, epoch losses), not the PTQ table.
+    train_and_evaluate(_config(RUN + ",eval.bits="), str(resumed))
     a, b = _final_params(wd), _final_params(resumed)
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
     np.testing.assert_array_equal(_epoch_losses(wd)[2:], _epoch_losses(resumed))
@@ -169,8 +171,9 @@ def test_eight_devices_match_one_device(smoke_run, tmp_path):
     # (test_each_sharded_step_matches_the_one_device_step).
     one_wd, _ = smoke_run
     wd = tmp_path / "dev8"
+    # FP32 alone at the end: the losses and final params are compared, not the PTQ table.
     train_and_evaluate(
-        _config(RUN.replace("num_devices=1", "num_devices=8") + ",eval.bits=w8a8"), str(wd)
+        _config(RUN.replace("num_devices=1", "num_devices=8") + ",eval.bits="), str(wd)
     )
     runs = {
         n: {"losses": _epoch_losses(w), "params": _final_params(w)}
@@ -208,8 +211,9 @@ def _pieces(c, num_devices: int) -> SimpleNamespace:
 
 
 def test_scanned_chunks_match_straight_line_and_resume_bit_exactly(smoke_run, tmp_path):
-    """The GPU/TPU path forced on CPU: each epoch's 4 steps in one rolled `lax.scan`."""
-    scan = _config(RUN + ",runtime.loop=scan,eval.bits=w8a8")
+    """The GPU/TPU path forced on CPU: each epoch's 4 steps in one rolled `lax.scan`. FP32
+    alone at the end: the training is compared (losses, final params), not the PTQ table."""
+    scan = _config(RUN + ",runtime.loop=scan,eval.bits=")
     wd, resumed = tmp_path / "scan", tmp_path / "resumed"
     results = train_and_evaluate(scan, str(wd))
     assert results["steps"] == 20
