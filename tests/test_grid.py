@@ -35,10 +35,12 @@ def _cells(bits=""):
 
 
 @pytest.fixture(scope="module")
-def killed_grid(tmp_path_factory):
+def killed_grid(smoke_run, tmp_path_factory):
     """A grid of two seeds killed in its second cell after that cell's second checkpoint,
     then run again; returns the workdir, the cells run the second time, and the first cell's
-    file times after the first sitting."""
+    file times after the first sitting. After the session's smoke run: the cells load its
+    programs from the compilation cache instead of compiling them beside it (pytest-xdist
+    may be training it in another worker)."""
     wd = tmp_path_factory.mktemp("grid")
     real_save = checkpoint.save
 
