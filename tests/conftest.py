@@ -22,14 +22,12 @@ import pytest  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 # The trainer tests build the same jitted functions several times; a disk cache turns the
-# repeated XLA compiles into loads. Every program is kept, the small ones too: each run
-# builds dozens of them (initialisation, statistics, evaluation) afresh, and a load is
-# cheaper than compiling them again.
+# repeated XLA compiles into loads.
 _cache = os.environ.get(
     "DNQ_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "dnq_jax_test_cache")
 )
 jax.config.update("jax_compilation_cache_dir", _cache)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # The smoke run's settings: 5 epochs of 4 steps (warm-up, noise from epoch 1, SWA from
