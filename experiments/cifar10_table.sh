@@ -9,14 +9,17 @@
 #   MODELS=resnet20 SEEDS=0 bash experiments/cifar10_table.sh
 #   MODELS=resnet20 SEEDS=0 ROWS="sgd dnq_w2a4 authors_w2a4" bash experiments/cifar10_table.sh
 #                                      (the first slice: SGD, DNQ and the authors' recipe at W2A4)
-#   MODELS=resnet20 SEEDS=0 ROWS="sgd dnq_w2a4 lam08_w2a4" bash experiments/cifar10_table.sh
+#   MODELS=resnet20 SEEDS=0 ROWS="sgd dnq_w2a4 lam08_w2a4" RECON_BITS=w2a4 \
+#     bash experiments/cifar10_table.sh
 #                                      (SGD, DNQ as is and `method=lam08`, W2A4: the bigger
 #                                      model of the Fashion-MNIST study)
 #
 # Environment: MODELS (resnet20 mobilenet_v2), SEEDS (0,1,2), PRESET (fast: the paper's
 # protocol scaled to 40 epochs, noise from 20, SWA over the last 10; paper: 400 epochs, noise
 # from 200, SWA from 300), PTQ (rtn,qdrop), PTQ_ITERS (5000 reconstruction iterations per
-# block; the paper uses 20,000), ROWS (a subset of the rows below, by name), EXTRA (more
+# block; the paper uses 20,000), ROWS (a subset of the rows below, by name), RECON_BITS (the
+# bit-widths QDrop runs at, e.g. w2a4 for the W2A4 slice: SGD then gets RTN alone at W4A4 and
+# W2A2, saving two of its three reconstructions; default: every cell's own), EXTRA (more
 # config pairs, e.g. optim.batch_size=128), WORKDIR_ROOT (workdirs), PYTHON. The data file
 # is found as configs/resnet.py says (runtime.npz_path, else DNQ_CIFAR10_JPEG, else
 # ../shared/data/ beside the repository).
@@ -88,6 +91,11 @@ for model in $MODELS; do
       for row in $ROWS; do if [ "${spec%%:*}" = "$row" ]; then echo "$flag $spec"; fi; done
     done)
     [ -n "$cells" ] || { echo "ROWS=$ROWS names no row of $model" >&2; exit 2; }
+  fi
+  if [ -n "${RECON_BITS:-}" ]; then  # reconstruction at these bit-widths only
+    cells=$(echo "$cells" | while read -r flag spec; do
+      echo "$flag $spec,recon_bits=${RECON_BITS//,/+}"
+    done)
   fi
   config_file=configs/resnet.py
   [ "$model" = mobilenet_v2 ] && config_file=configs/mobilenet.py

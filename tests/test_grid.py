@@ -297,3 +297,14 @@ def test_cells_cross_methods_settings_and_seeds_with_their_own_bits():
         grid.make_cells(resnet.get_config, "smoke", [0], settings=["a:seed=1", "a:seed=2"])
     with pytest.raises(ConfigError, match="noise.w_bit"):
         grid.make_cells(resnet.get_config, "smoke", [0], settings=["a:noise.w_bit=4"])
+
+
+def test_recon_bits_keeps_reconstruction_to_some_of_a_cells_bits():
+    (cell,) = grid.make_cells(
+        resnet.get_config, "smoke", [0], settings=["s:method=sgd,bits=w4a4+w2a4,recon_bits=w2a4"]
+    )
+    assert cell.overrides == "method=sgd" and cell.config.eval.bits == "w4a4,w2a4"
+    assert cell.bits_for("rtn") == ((4, 4), (2, 4))
+    assert [cell.bits_for(m) for m in ("adaround", "brecq", "qdrop")] == [((2, 4),)] * 3
+    with pytest.raises(ConfigError, match="recon_bits w2a2 not among the cell's bits"):
+        grid.make_cells(resnet.get_config, "smoke", [0], settings=["s:bits=w4a4,recon_bits=w2a2"])

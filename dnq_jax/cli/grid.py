@@ -38,7 +38,13 @@ def _grid_flags() -> flags.FlagValues:
     s("config", None, "Config file and argument, e.g. configs/resnet.py:smoke,k=v.", flag_values=fv)
     s("workdir", None, "The grid's folder (cells/, grid.md, grid.json, grid.png).", flag_values=fv)
     s("methods", "", "Comma-separated method presets (a cell each).", flag_values=fv)
-    m("cell", [], "NAME:key=value,...[,bits=wXaY+wXaY] (repeatable).", flag_values=fv)
+    m(
+        "cell",
+        [],
+        "NAME:key=value,...[,bits=wXaY+wXaY][,recon_bits=wXaY+...] (repeatable; recon_bits: "
+        "the reconstruction methods run at these of the cell's bits only, RTN at all).",
+        flag_values=fv,
+    )
     s("seeds", "0", "Comma-separated seeds.", flag_values=fv)
     s("ptq", "rtn", "PTQ methods, comma-separated (rtn, adaround, brecq, qdrop).", flag_values=fv)
     i("ptq-iters", 0, "Reconstruction iterations per block (0 = the default).", flag_values=fv)

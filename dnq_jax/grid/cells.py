@@ -1,7 +1,9 @@
 """A grid's cells: named settings (config overrides) crossed with seeds, each checked first.
 
 A setting is `NAME:key=value,...` (`parse_setting`); the grid key `bits=w4a4+w2a4` sets the
-bit-widths its cells are evaluated at. `make_cells` crosses the settings (and `--methods`)
+bit-widths its cells are evaluated at, and `recon_bits=w2a4` those of them the reconstruction
+methods (AdaRound, BRECQ, QDrop; RTN keeps all of `bits`) run at: the costly half of a PTQ
+table where only some columns are compared. `make_cells` crosses the settings (and `--methods`)
 with the seeds and validates every cell's config before the first one trains.
 """
 
@@ -46,19 +48,34 @@ class Cell:
         return f"{self.setting}_s{self.seed}"
 
 
-def parse_setting(spec: str) -> tuple[str, str, Bits | None]:
-    """'NAME:k=v,...,bits=w4a4+w2a4' -> (NAME, 'k=v,...', ((4, 4), (2, 4)) or None)."""
+def parse_setting(spec: str) -> tuple[str, str, Bits | None, Bits | None]:
+    """'NAME:k=v,...,bits=w4a4+w2a4,recon_bits=w2a4' ->
+    (NAME, 'k=v,...', ((4, 4), (2, 4)) or None, ((2, 4),) or None)."""
     name, _, rest = spec.partition(":")
     name = name.strip()
     if not _NAME.match(name):
         raise ConfigError(f"--cell {spec!r}: name the setting with letters, digits, _ . + -")
-    pairs, bits = [], None
+    pairs, found = [], {"bits": None, "recon_bits": None}
     for item in [s.strip() for s in rest.split(",") if s.strip()]:
-        if item.startswith("bits="):
-            bits = tuple(config_lib.parse_bits(item[5:].replace("+", ",")))
+        key, _, value = item.partition("=")
+        if key in found:
+            found[key] = tuple(config_lib.parse_bits(value.replace("+", ",")))
         else:
             pairs.append(item)
-    return name, ",".join(pairs), bits
+    return name, ",".join(pairs), found["bits"], found["recon_bits"]
+
+
+def _recon_only(spec_name: str, bits: Bits, recon: Bits | None) -> tuple[tuple[str, Bits], ...]:
+    """`Cell.method_bits` of a cell whose reconstruction runs at `recon` (None: at all)."""
+    if recon is None:
+        return ()
+    outside = [config_lib.bits_name(*b) for b in recon if b not in bits]
+    if outside:
+        raise ConfigError(
+            f"--cell {spec_name}: recon_bits {', '.join(outside)} not among the cell's bits "
+            f"({bits_text(bits)})"
+        )
+    return tuple((m, recon) for m in config_lib.ptq_methods() if m != "rtn")
 
 
 def load_config_file(spec: str) -> tuple[Callable[[str], ml_collections.ConfigDict], str]:
@@ -84,22 +101,25 @@ def make_cells(
     methods, parsed = list(methods), [parse_setting(s) for s in settings]
     if methods and parsed:
         parsed = [
-            (f"{m}-{n}", f"method={m},{p}".rstrip(","), b) for m in methods for n, p, b in parsed
+            (f"{m}-{n}", f"method={m},{p}".rstrip(","), b, r)
+            for m in methods
+            for n, p, b, r in parsed
         ]
     elif methods:
-        parsed = [(m, f"method={m}", None) for m in methods]
+        parsed = [(m, f"method={m}", None, None) for m in methods]
     if not parsed:
         raise ConfigError("the grid has no cells: give --methods and/or --cell NAME:overrides")
     cells = []
     for seed in seeds:
-        for name, pairs, own_bits in parsed:
+        for name, pairs, own_bits, recon in parsed:
             arg = ",".join(s for s in (config_arg, pairs, f"seed={seed}") if s)
             c = get_config(arg)
             cell_bits = own_bits or tuple(config_lib.parse_bits(bits or c.eval.bits))
             # The trainer's own evaluation (results.json) is then the RTN one the grid needs.
             c.eval.bits = bits_text(cell_bits)
             config_lib.validate(c)  # every cell is checked before the first one trains
-            cells.append(Cell(name, int(seed), c, cell_bits, pairs))
+            only = _recon_only(name, cell_bits, recon)
+            cells.append(Cell(name, int(seed), c, cell_bits, pairs, only))
     names = [c.name for c in cells]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
