@@ -119,6 +119,8 @@ def to_markdown(rows: list[dict], pairs: list[dict], command: str) -> str:
             f"| {r['cell']} | {r['method']} | {r['train_top1']:.2f} | {r['test_top1']:.2f} | "
             f"{r['gap_top1']:.2f} | {r['train_loss']:.4f} | {r['test_loss']:.4f} |"
         )
+    if not pairs:  # no SGD cell, or nothing beside it
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         "Minus the SGD cell of the same seed (mean ± std over the seeds listed):",

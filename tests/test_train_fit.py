@@ -67,6 +67,8 @@ def test_paired_differences_are_per_seed_and_skip_seeds_without_sgd():
     assert one["d_test_top1"] == pytest.approx(-1.4)
     md = train_fit.to_markdown(rows[:3], train_fit.paired(rows[:3]), "cmd")
     assert "| lam08 | 0 | -1.00 | -0.50 | +0.0500 | +0.0000 |" in md
+    alone = train_fit.to_markdown(rows[:1], train_fit.paired(rows[:1]), "cmd")
+    assert "| sgd_s0 | sgd | 95.00 | 93.00 | 2.00 |" in alone and "Minus" not in alone
 
 
 def test_a_workdir_without_finished_cells_is_refused(tmp_path, capsys):
