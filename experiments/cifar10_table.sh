@@ -31,8 +31,8 @@
 # Fashion-MNIST study closest to both bars); MobileNetV2 at W4A4 and W2A4 (the paper reports
 # it at W4A4). The grid prints each cell's wall time as it finishes ("... done (N s)") and
 # grid.md keeps it. Batch 64, lr 0.015 cosine, wd 1e-3, label smoothing 0.1 (the paper's;
-# configs/resnet.py). With the shared warm-ups each DNQ cell after the first of its seed
-# trains only the noise stage.
+# configs/resnet.py). With the shared warm-ups each DNQ cell trains only the noise stage,
+# from the SGD cell's state at the noise start (the same run up to there; SWA starts later).
 #
 # Not timed on a GPU yet. Projection from benchmarks/RESULTS.md (a scanned ResNet-20 epoch of
 # 781 steps at batch 64: 1.69 s plain on an H200, DNQ about 1.2x): PRESET=fast is about 40 +

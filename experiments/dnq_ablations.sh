@@ -54,8 +54,8 @@ declare -A CELL=(
 )
 # The cells with SWA begin from the seed's warm-up (epochs 0-7) kept by the workdir's
 # dnq_w2a4 cell (dnq_jax/grid/fork.py; in a workdir without one, the first such cell trains
-# it); wqn trains the warm-up without SWA for aqn; noise_early, whose noise starts elsewhere,
-# trains its own.
+# it), and so do wqn and aqn (without SWA: its optimizer state is taken off); noise_early,
+# whose noise starts elsewhere, trains its own.
 ORDER="w_scale lambda_half swa wqn aqn naive accumulate ramp_cosine ramp_exp calib16 calib1024"
 ORDER+=" bn_off noise_early w_scale_half"
 run_fair_grid "$NAME" "$WORKDIR" CELL "$ORDER" "${CELLS:-}" --config "$TABLE_CONFIG" \

@@ -21,8 +21,9 @@
 #   naive, lam08   W + lambda D_t (the authors' code in effect), with lambda_max 1 and 0.8, W2A4
 #   authors        the authors' recipe at W2A4 (the last row of the authors' path)
 #   authors_w4a4, authors_w2a2   the same recipe modelled at W4A4 and W2A2
-# The DNQ and path rows of a seed share one warm-up (dnq_jax/grid/fork.py), the authors rows
-# another (their learning-rate schedule differs from the first epoch on), SGD trains alone.
+# The SGD, DNQ and path rows of a seed share one warm-up (dnq_jax/grid/fork.py; SWA starts
+# after the noise), the authors rows another (their learning-rate schedule differs from the
+# first epoch on).
 # Cost on this project's 2-core CPU: about 1.3 min per training epoch, so 88 epochs per seed
 # (~2 h) plus ten QDrop evaluations (~5 min each at 5,000 iterations): ~3 h per seed. The grid
 # resumes (run it again); park unfinished cells for another sitting with

@@ -37,7 +37,7 @@ def test_only_noise_keys_may_differ_between_runs_sharing_a_warm_up():
         (RUN + ",method=naive,eval.bits=w2a4,runtime.chunk_steps=2", []),
         (RUN + ",swa.bn_recalibration=False", []),  # read after the last epoch
         (RUN + ",swa.lr=0.01", ["swa.lr"]),
-        (RUN + ",method=sgd", ["swa.enabled"]),  # the optimizer state differs
+        (RUN + ",method=sgd", []),  # SWA's first snapshot (epoch 2) is after the noise start
         (RUN + ",noise.start_epoch=2", ["noise.start_epoch"]),
         (RUN + ",optim.learning_rate=0.2,seed=3", ["optim.learning_rate", "seed"]),
     ]:
@@ -45,6 +45,11 @@ def test_only_noise_keys_may_differ_between_runs_sharing_a_warm_up():
         assert fork.prefix_conflicts(saved, base) == conflicts, arg
         same_key = fork.warmup_key(saved) == fork.warmup_key(json.loads(base.to_json()))
         assert same_key == (not conflicts), arg
+    # With SWA's first snapshot before the noise stage, the SWA switch changes the warm-up.
+    early = RUN + ",noise.start_epoch=3"
+    saved, c = _saved(early + ",method=sgd"), resnet.get_config(early)
+    assert fork.prefix_conflicts(saved, c) == ["swa.enabled"]
+    assert fork.warmup_key(saved) != fork.warmup_key(json.loads(c.to_json()))
 
 
 def test_the_run_keeps_its_state_at_the_noise_stage_start(smoke_run):
@@ -96,7 +101,7 @@ def test_a_grid_cell_begun_from_a_donor_warm_up_is_the_run_trained_alone(
         return real(config, workdir, dataset=dataset)
 
     monkeypatch.setattr(loop, "train_and_evaluate", spy)
-    # sgd is left out: it shares no warm-up (its optimizer has no SWA state).
+    # sgd is left out here (test_an_sgd_warm_up_begins_a_dnq_run_and_the_other_way_round).
     doc = grid.run_grid(cells[:2], wd)
     cell = wd / "cells" / "w4_s0"
     assert [(n, None if s is None else s.name) for n, s in trained] == [("w4_s0", "4")]
@@ -114,7 +119,29 @@ def test_a_grid_cell_begun_from_a_donor_warm_up_is_the_run_trained_alone(
     forked = json.loads((cell / "results.json").read_text())
     for key in ("fp32", "w8a8", "w4a4"):
         assert forked[key] == results[key], key
-    assert fork.find_donor([wd / "cells" / "dnq_s0"], cells[2].config) is None
+    assert fork.find_donor([wd / "cells" / "dnq_s0"], cells[2].config) == wd / "cells" / "dnq_s0"
+
+
+def test_an_sgd_warm_up_begins_a_dnq_run_and_the_other_way_round(smoke_run, tmp_path):
+    """SGD (no SWA) and DNQ (SWA from epoch 2) are the same run up to the noise start (epoch
+    1): begun from each other's warm-up, with SWA's optimizer state added or taken off, each
+    ends bit for bit where it ends trained alone."""
+    smoke_wd, _ = smoke_run
+    sgd, dnq = RUN + ",method=sgd,eval.bits=", RUN + ",eval.bits="  # FP32 alone
+    sgd_alone = tmp_path / "sgd_alone"
+    loop.train_and_evaluate(resnet.get_config(sgd), str(sgd_alone))
+    (tmp_path / "cells").mkdir()
+    for name, donor, arg, alone in [
+        ("dnq", sgd_alone, dnq, smoke_wd),
+        ("sgd", smoke_wd, sgd, sgd_alone),
+    ]:
+        run, c = tmp_path / "cells" / name, resnet.get_config(arg)
+        assert fork.begin_from(donor, run, c) == 4
+        assert json.loads((run / "fork.json").read_text())["step"] == 4
+        loop.train_and_evaluate(c, str(run))
+        jax.tree_util.tree_map(
+            np.testing.assert_array_equal, _restore(run / "final"), _restore(alone / "final")
+        )
 
 
 def test_a_run_with_a_checkpoint_is_never_overwritten_by_a_donor(smoke_run, tmp_path):

@@ -11,10 +11,13 @@ is half of the run, so a grid of noise settings trains it once per seed.
 
 Which keys may differ (`prefix_conflicts`): those of the groups a run may change on resume
 (`config.RESUME_FREE_GROUPS`), every `noise.*` key except `noise.start_epoch`, and
-`swa.bn_recalibration` (read after the last epoch); everything else, the method's SWA and SAM
-switches and the seed included, must be equal. A method without
-noise (sgd, swa) has a warm-up like any other, so a `swa` run and a `dnq` run (both with SWA,
-the same seed) share theirs. Written for one process (the grid's), on process 0. The trainer
+`swa.bn_recalibration` (read after the last epoch), and `swa.enabled` where SWA's first
+snapshot comes no earlier than the noise stage (`swa.start_epoch >= noise.start_epoch`, the
+learning rate not annealed to the SWA start): before it SWA only adds its own optimizer state,
+which stays at its start (`_swa_state_added_or_dropped` writes it in, or takes it out, when
+the donor's switch differs). Everything else, SAM and the seed included, must be equal. A
+method without noise (sgd, swa) has a warm-up like any other, so the `sgd` run of a seed is
+the warm-up of its `dnq` runs. Written for one process (the grid's), on process 0. The trainer
 knows nothing of this: it only keeps `noise_start/`; the grid (`run.py`) and
 `dnq_jax/grid/park.py` use what is here.
 """
@@ -40,10 +43,24 @@ def deferred(key: str) -> bool:
     )
 
 
+def _swa_after_warmup(flat: dict) -> bool:
+    """Whether SWA (were it on) would change nothing before the noise stage of the config
+    `flat` (`config_lib.flat` of it): its first snapshot at or after the noise start, and a
+    learning rate that does not depend on where SWA starts."""
+    return (
+        flat["swa.start_epoch"] >= flat["noise.start_epoch"]
+        and flat["optim.schedule"] != "cosine_to_swa"
+    )
+
+
 def prefix_conflicts(saved: dict, c: ml_collections.ConfigDict) -> list[str]:
     """The keys that make the warm-up of config `c` differ from that of the `saved` run's
     config (a dict, as config.json holds it); [] when the donor's warm-up is `c`'s."""
-    return [k for k in config_lib.resume_conflicts(saved, c) if not deferred(k)]
+    keys = [k for k in config_lib.resume_conflicts(saved, c) if not deferred(k)]
+    full = lambda cfg: {**config_lib.flat(config_lib.base_config()), **config_lib.flat(cfg)}
+    if "swa.enabled" in keys and _swa_after_warmup(full(saved)) and _swa_after_warmup(full(c)):
+        keys.remove("swa.enabled")
+    return keys
 
 
 def _newest(folder: Path) -> Path | None:
@@ -58,6 +75,8 @@ def warmup_key(saved: dict) -> str:
     exactly when `prefix_conflicts` finds nothing between them."""
     full = {**config_lib.flat(config_lib.base_config()), **config_lib.flat(saved)}
     free = lambda k: k.split(".", 1)[0] in config_lib.RESUME_FREE_GROUPS or deferred(k)
+    if _swa_after_warmup(full):
+        full.pop("swa.enabled")
     return json.dumps({k: v for k, v in full.items() if not free(k)}, sort_keys=True)
 
 
@@ -83,7 +102,46 @@ def find_donor(runs: list[Path], c: ml_collections.ConfigDict) -> Path | None:
     return None
 
 
-def begin_from(donor: Path, run: Path, c: ml_collections.ConfigDict) -> int:
+def _swa_state_added_or_dropped(src: Path, saved: dict, c: ml_collections.ConfigDict, dataset):
+    """The donor's state at `src` (a `noise_start/<step>/` folder) with the optimizer state
+    of run config `c`: SWA's appended at its start (count = step, nothing averaged) when `c`
+    has SWA and the donor had none, or SWA's taken off (it must have averaged nothing). The
+    state of `c`'s own run at that step, as the fork test checks bit for bit."""
+    import jax
+    import jax.numpy as jnp
+
+    from dnq_jax import taps
+    from dnq_jax.train import builders, optim
+    from dnq_jax.train.state import create_train_state
+
+    ds = builders.load_dataset(c) if dataset is None else dataset
+
+    def fresh(cfg):
+        model = builders.create_model(cfg, ds.num_classes)
+        variables = builders.init_variables(model, cfg, ds.image_shape)
+        graph = taps.trace(model, variables, jnp.zeros((2, *ds.image_shape)), train=False)
+        tx = builders.create_optimizer(cfg, builders.steps_per_epoch(cfg, ds))
+        return create_train_state(cfg.seed, variables, graph, tx)
+
+    donor_c = config_lib.from_json_text(json.dumps(saved))
+    like_donor, like_run = fresh(donor_c), fresh(c)
+    mngr = checkpoint.manager(src.parent.parent, 1, src.parent.name)
+    state = checkpoint.restore_latest(mngr, like_donor)
+    step = int(state.step)
+    if c.swa.enabled:
+        swa = optim.find_swa_state(like_run.opt_state)
+        opt_state = (state.opt_state, swa._replace(count=jnp.full_like(swa.count, step)))
+    else:
+        opt_state, swa = state.opt_state
+        if int(swa.n) != 0:
+            raise ValueError(f"{src}: SWA has averaged {int(swa.n)} snapshots already")
+    state = state.replace(opt_state=opt_state)
+    if jax.tree_util.tree_structure(state) != jax.tree_util.tree_structure(like_run):
+        raise ValueError(f"{src}: the donor's state does not fit this run's with SWA changed")
+    return state
+
+
+def begin_from(donor: Path, run: Path, c: ml_collections.ConfigDict, dataset=None) -> int:
     """Make `run` (a workdir with no checkpoint) start from `donor`'s warm-up; returns its
     step. Writes checkpoints/<step>/, the donor's metrics rows up to it, config.json and
     fork.json (where the state came from); the trainer then resumes `run` from that step.
@@ -99,7 +157,12 @@ def begin_from(donor: Path, run: Path, c: ml_collections.ConfigDict) -> int:
         raise ValueError(f"{run} already has a checkpoint: it resumes from its own")
     staging = run.with_name(f".{run.name}.beginning")
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(src, staging / "checkpoints" / str(step))
+    saved = json.loads((donor / "config.json").read_text())
+    if saved["swa"]["enabled"] == c.swa.enabled:
+        shutil.copytree(src, staging / "checkpoints" / str(step))
+    else:  # the same run up to here, with another optimizer-state layout
+        state = _swa_state_added_or_dropped(src, saved, c, dataset)
+        checkpoint.save(checkpoint.manager(staging, 1), step, state)
     (staging / "metrics.jsonl").write_text(metrics.text_upto(donor, step))
     (staging / "config.json").write_text(config_lib.to_json(c))
     origin = {"donor": str(donor), "step": step}
@@ -115,9 +178,11 @@ def begin_from(donor: Path, run: Path, c: ml_collections.ConfigDict) -> int:
     return step
 
 
-def begin_from_sibling(run: Path, c: ml_collections.ConfigDict) -> Path | None:
+def begin_from_sibling(run: Path, c: ml_collections.ConfigDict, dataset=None) -> Path | None:
     """A run with no checkpoint begins from the kept warm-up of a run beside it (a folder
-    of `run`'s parent, as a grid's cells are) that is `c`'s; returns that donor, or None."""
+    of `run`'s parent, as a grid's cells are) that is `c`'s; returns that donor, or None.
+    `dataset`: `c`'s data set when the caller has it loaded (used only where the donor's
+    SWA switch differs)."""
     if newest_checkpoint(run) is not None or not run.parent.is_dir():
         return None
     if (run / "fork.json").exists():  # a begin cut short before its checkpoint: undo it
@@ -126,7 +191,7 @@ def begin_from_sibling(run: Path, c: ml_collections.ConfigDict) -> Path | None:
     others = sorted(p for p in run.parent.iterdir() if p.is_dir() and p != run)
     donor = find_donor(others, c)
     if donor is not None:
-        step = begin_from(donor, run, c)
+        step = begin_from(donor, run, c, dataset)
         print(
             f"dnq_jax grid: {run.name} starts at step {step} from {donor.name}'s warm-up "
             "(the same run up to the noise stage)",

@@ -206,7 +206,7 @@ def run_grid(
         t0 = time.time()
         if not done:
             if share_warmup:
-                fork.begin_from_sibling(cwd, cell.config)
+                fork.begin_from_sibling(cwd, cell.config, datasets[key])
             print(f"dnq_jax grid: training {cell.name} in {cwd}", flush=True)
             train_and_evaluate(cell.config, str(cwd), dataset=datasets[key])
         evaluate_cell(cell, cwd, datasets[key], ptq, ptq_iters)
