@@ -35,9 +35,12 @@
 # from the SGD cell's state at the noise start (the same run up to there; SWA starts later).
 #
 # Not timed on a GPU yet. Projection from benchmarks/RESULTS.md (a scanned ResNet-20 epoch of
-# 781 steps at batch 64: 1.69 s plain on an H200, DNQ about 1.2x): PRESET=fast is about 40 +
-# 40 + 20 + 20 = 120 epochs per seed, ~4 minutes of training per ResNet-20 seed plus compiles
-# and PTQ; PRESET=paper ten times that. MobileNetV2 is several times slower per epoch.
+# 781 steps at batch 64: 1.69 s plain on an H200, DNQ about 1.2x): PRESET=fast trains SGD's 40
+# epochs, then 20 for each dnq/naive/lam08 cell (from SGD's warm-up) and 40 + 20 + 20 for the
+# three authors cells (their schedule differs from the start): 220 epochs for the nine
+# ResNet-20 rows of a seed (~7 minutes of training plus compiles and PTQ), 80 for the W2A4
+# slice (sgd, dnq_w2a4, lam08_w2a4); PRESET=paper ten times that. MobileNetV2 is several times
+# slower per epoch.
 #
 # The grids resume like every grid (run the same command again), and unfinished cells are
 # parked for another machine with `python experiments/park.py save WORKDIR NAME` (NAME is
