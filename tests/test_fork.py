@@ -138,10 +138,35 @@ def test_an_sgd_warm_up_begins_a_dnq_run_and_the_other_way_round(smoke_run, tmp_
         run, c = tmp_path / "cells" / name, resnet.get_config(arg)
         assert fork.begin_from(donor, run, c) == 4
         assert json.loads((run / "fork.json").read_text())["step"] == 4
+        # The converted state is the one the run kept at that step when trained alone.
+        jax.tree_util.tree_map(
+            np.testing.assert_array_equal,
+            _restore(run / "checkpoints" / "4" / "default"),
+            _restore(fork.start_state(alone) / "default"),
+        )
         loop.train_and_evaluate(c, str(run))
         jax.tree_util.tree_map(
             np.testing.assert_array_equal, _restore(run / "final"), _restore(alone / "final")
         )
+    # Of two donors, the one with the run's SWA switch (copied, not converted) is taken.
+    assert fork.find_donor([sgd_alone, smoke_wd], resnet.get_config(dnq)) == smoke_wd
+    assert fork.find_donor([smoke_wd, sgd_alone], resnet.get_config(sgd)) == sgd_alone
+
+
+def test_a_conversion_that_fails_leaves_the_run_to_train_its_own_warm_up(
+    smoke_run, tmp_path, monkeypatch, capsys
+):
+    smoke_wd, _ = smoke_run
+    shutil.copytree(smoke_wd, tmp_path / "cells" / "donor", ignore=shutil.ignore_patterns("final"))
+
+    def broken(*args):
+        raise ValueError("SWA has averaged 3 snapshots already")
+
+    monkeypatch.setattr(fork, "_swa_state_added_or_dropped", broken)
+    run = tmp_path / "cells" / "sgd"
+    assert fork.begin_from_sibling(run, resnet.get_config(RUN + ",method=sgd")) is None
+    assert "sgd trains its own warm-up (donor's: SWA has averaged" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == ["donor"]
 
 
 def test_a_run_with_a_checkpoint_is_never_overwritten_by_a_donor(smoke_run, tmp_path):

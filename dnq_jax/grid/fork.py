@@ -90,16 +90,22 @@ def newest_checkpoint(run: str | os.PathLike) -> Path | None:
     return _newest(Path(run) / "checkpoints")
 
 
+def _swa_enabled(saved: dict) -> bool:
+    return {**config_lib.flat(config_lib.base_config()), **config_lib.flat(saved)}["swa.enabled"]
+
+
 def find_donor(runs: list[Path], c: ml_collections.ConfigDict) -> Path | None:
-    """The first of `runs` (workdirs) with a kept warm-up that is `c`'s, or None."""
+    """The first of `runs` (workdirs) with a kept warm-up that is `c`'s, or None; one with
+    `c`'s SWA switch first (its state is copied as it is, not converted)."""
+    found = []
     for run in runs:
         try:
             saved = json.loads((run / "config.json").read_text())
         except (OSError, ValueError):
             continue
         if start_state(run) is not None and not prefix_conflicts(saved, c):
-            return run
-    return None
+            found.append((_swa_enabled(saved) != c.swa.enabled, run))
+    return min(found, key=lambda f: f[0])[1] if found else None
 
 
 def _swa_state_added_or_dropped(src: Path, saved: dict, c: ml_collections.ConfigDict, dataset):
@@ -109,6 +115,7 @@ def _swa_state_added_or_dropped(src: Path, saved: dict, c: ml_collections.Config
     state of `c`'s own run at that step, as the fork test checks bit for bit."""
     import jax
     import jax.numpy as jnp
+    import orbax.checkpoint as ocp
 
     from dnq_jax import taps
     from dnq_jax.train import builders, optim
@@ -125,8 +132,8 @@ def _swa_state_added_or_dropped(src: Path, saved: dict, c: ml_collections.Config
 
     donor_c = config_lib.from_json_text(json.dumps(saved))
     like_donor, like_run = fresh(donor_c), fresh(c)
-    mngr = checkpoint.manager(src.parent.parent, 1, src.parent.name)
-    state = checkpoint.restore_latest(mngr, like_donor)
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_donor)
+    state = ocp.StandardCheckpointer().restore((src / "default").absolute(), abstract)
     step = int(state.step)
     if c.swa.enabled:
         swa = optim.find_swa_state(like_run.opt_state)
@@ -158,11 +165,15 @@ def begin_from(donor: Path, run: Path, c: ml_collections.ConfigDict, dataset=Non
     staging = run.with_name(f".{run.name}.beginning")
     shutil.rmtree(staging, ignore_errors=True)
     saved = json.loads((donor / "config.json").read_text())
-    if saved["swa"]["enabled"] == c.swa.enabled:
+    if _swa_enabled(saved) == c.swa.enabled:
         shutil.copytree(src, staging / "checkpoints" / str(step))
     else:  # the same run up to here, with another optimizer-state layout
-        state = _swa_state_added_or_dropped(src, saved, c, dataset)
-        checkpoint.save(checkpoint.manager(staging, 1), step, state)
+        try:
+            state = _swa_state_added_or_dropped(src, saved, c, dataset)
+            checkpoint.save(checkpoint.manager(staging, 1), step, state)
+        except Exception:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     (staging / "metrics.jsonl").write_text(metrics.text_upto(donor, step))
     (staging / "config.json").write_text(config_lib.to_json(c))
     origin = {"donor": str(donor), "step": step}
@@ -191,7 +202,11 @@ def begin_from_sibling(run: Path, c: ml_collections.ConfigDict, dataset=None) ->
     others = sorted(p for p in run.parent.iterdir() if p.is_dir() and p != run)
     donor = find_donor(others, c)
     if donor is not None:
-        step = begin_from(donor, run, c, dataset)
+        try:
+            step = begin_from(donor, run, c, dataset)
+        except ValueError as e:  # a conversion that failed: the run trains its own warm-up
+            print(f"dnq_jax grid: {run.name} trains its own warm-up ({donor.name}'s: {e})")
+            return None
         print(
             f"dnq_jax grid: {run.name} starts at step {step} from {donor.name}'s warm-up "
             "(the same run up to the noise stage)",
