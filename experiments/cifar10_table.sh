@@ -45,7 +45,8 @@
 # The grids resume like every grid (run the same command again), and unfinished cells are
 # parked for another machine with `python experiments/park.py save WORKDIR NAME` (NAME is
 # cifar10_<model>; ResNet-20 checkpoints are a few MB, MobileNetV2's about 30 MB). Results are
-# copied to experiments/results/cifar10_<model>.{md,json,png}.
+# copied to experiments/results/cifar10_<model>.{md,json,png}; then experiments/train_fit.py
+# measures each finished model on the training split too (cifar10_<model>_train_fit.{md,json}).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/common.sh
@@ -105,8 +106,15 @@ for model in $MODELS; do
   pairs="${preset:+$preset,}model.name=$model,data.name=cifar10_jpeg,runtime.progress=False"
   pairs+="${EXTRA:+,$EXTRA}"
   # shellcheck disable=SC2086  # $cells is a list of words
+  grid_status=0
   run_grid "cifar10_$model" "$WORKDIR_ROOT/cifar10_$model" --config "$config_file:$pairs" \
     --seeds "$SEEDS" --ptq "$PTQ" --ptq-iters "$PTQ_ITERS" $cells \
-    || status=$?
+    || grid_status=$?
+  if [ "$grid_status" = 0 ]; then  # each finished model's fit of its training split
+    "$PYTHON" experiments/train_fit.py --workdir "$WORKDIR_ROOT/cifar10_$model" \
+      --out "experiments/results/cifar10_${model}_train_fit.md" \
+      --json "experiments/results/cifar10_${model}_train_fit.json" || grid_status=$?
+  fi
+  [ "$grid_status" = 0 ] || status=$grid_status
 done
 exit $status
