@@ -43,6 +43,12 @@ def deferred(key: str) -> bool:
     )
 
 
+def _full(cfg) -> dict:
+    """Every key of a config (a ConfigDict, or a dict as config.json holds it), flat, with
+    the defaults of keys an older config.json lacks."""
+    return {**config_lib.flat(config_lib.base_config()), **config_lib.flat(cfg)}
+
+
 def _swa_after_warmup(flat: dict) -> bool:
     """Whether SWA (were it on) would change nothing before the noise stage of the config
     `flat` (`config_lib.flat` of it): its first snapshot at or after the noise start, and a
@@ -57,8 +63,7 @@ def prefix_conflicts(saved: dict, c: ml_collections.ConfigDict) -> list[str]:
     """The keys that make the warm-up of config `c` differ from that of the `saved` run's
     config (a dict, as config.json holds it); [] when the donor's warm-up is `c`'s."""
     keys = [k for k in config_lib.resume_conflicts(saved, c) if not deferred(k)]
-    full = lambda cfg: {**config_lib.flat(config_lib.base_config()), **config_lib.flat(cfg)}
-    if "swa.enabled" in keys and _swa_after_warmup(full(saved)) and _swa_after_warmup(full(c)):
+    if "swa.enabled" in keys and _swa_after_warmup(_full(saved)) and _swa_after_warmup(_full(c)):
         keys.remove("swa.enabled")
     return keys
 
@@ -73,7 +78,7 @@ def _newest(folder: Path) -> Path | None:
 def warmup_key(saved: dict) -> str:
     """One string per warm-up: equal for two configs (dicts, as config.json holds them)
     exactly when `prefix_conflicts` finds nothing between them."""
-    full = {**config_lib.flat(config_lib.base_config()), **config_lib.flat(saved)}
+    full = _full(saved)
     free = lambda k: k.split(".", 1)[0] in config_lib.RESUME_FREE_GROUPS or deferred(k)
     if _swa_after_warmup(full):
         full.pop("swa.enabled")
@@ -91,7 +96,7 @@ def newest_checkpoint(run: str | os.PathLike) -> Path | None:
 
 
 def _swa_enabled(saved: dict) -> bool:
-    return {**config_lib.flat(config_lib.base_config()), **config_lib.flat(saved)}["swa.enabled"]
+    return _full(saved)["swa.enabled"]
 
 
 def find_donor(runs: list[Path], c: ml_collections.ConfigDict) -> Path | None:
