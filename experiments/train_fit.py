@@ -46,8 +46,14 @@ def split_fit(apply, variables, images_u8, labels, mean, std) -> dict:
     return {"top1": 100.0 * correct / n, "loss": loss_sum / n, "n": n}
 
 
+def data_key(cell: Path) -> str:
+    """The cell's data settings (its config.json's `data` group): cells with equal keys read
+    the same data set, loaded once."""
+    return json.dumps(json.loads((cell / "config.json").read_text()).get("data"), sort_keys=True)
+
+
 def measure(cell: Path, ds=None) -> tuple[dict, object]:
-    """(row, dataset) of one finished cell; the dataset is reused for the next cell."""
+    """(row, dataset) of one finished cell; `ds`: its data set, if loaded already."""
     c, model, variables, ds = evaluate.load_run(str(cell), ds)
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
     train = split_fit(apply, variables, ds.train_images, ds.train_labels, ds.mean, ds.std)
@@ -154,12 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not names:
         p.error(f"no finished cell (with final variables) in {root}")
-    rows, ds = [], None
+    rows, datasets = [], {}
     print(f"{'cell':<16} {'method':<10} {'train':>7} {'test':>7} {'gap':>6}")
     for name in names:
         if not (root / name / "final").is_dir():
             p.error(f"{root / name} has no final variables (not finished)")
-        r, ds = measure(root / name, ds)
+        key = data_key(root / name)
+        r, datasets[key] = measure(root / name, datasets.get(key))
         rows.append(r)
         print(
             f"{name:<16} {r['method']:<10} {r['train_top1']:>7.2f} {r['test_top1']:>7.2f} "

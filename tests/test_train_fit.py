@@ -2,6 +2,8 @@
 differences against SGD, checked against numpy (float64) on made-up models and rows."""
 
 import importlib.util
+import json
+import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -79,3 +81,18 @@ def test_a_workdir_without_finished_cells_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_fit.main(["--workdir", str(tmp_path / "absent")])
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_a_grid_workdir_is_measured_and_the_test_column_is_the_runs_fp32(smoke_run, tmp_path):
+    """On the session's smoke run laid out as a grid cell: the test split's top-1 is the one
+    the run reported (the same clean forward), and the tables are written."""
+    smoke_wd, results = smoke_run
+    cell = tmp_path / "cells" / "dnq_s0"
+    shutil.copytree(smoke_wd, cell, ignore=shutil.ignore_patterns("checkpoints", "noise_start"))
+    out, js = tmp_path / "fit.md", tmp_path / "fit.json"
+    assert train_fit.main(["--workdir", str(tmp_path), "--out", str(out), "--json", str(js)]) == 0
+    (row,) = json.loads(js.read_text())["cells"]
+    assert row["cell"] == "dnq_s0" and row["method"] == "dnq" and row["seed"] == 0
+    assert row["test_top1"] == pytest.approx(results["fp32"], abs=1e-9)
+    assert 0 <= row["train_top1"] <= 100 and row["train_loss"] > 0
+    assert "| dnq_s0 | dnq |" in out.read_text()
