@@ -127,21 +127,23 @@ def _swa_state_added_or_dropped(src: Path, saved: dict, c: ml_collections.Config
     from dnq_jax.train.state import create_train_state
 
     ds = builders.load_dataset(c) if dataset is None else dataset
+    sharding = builders.shardings(builders.make_mesh(1))["state"]
 
-    def fresh(cfg):
+    def abstract(cfg):  # the run's state as shapes, nothing computed (as the loop's resume)
         model = builders.create_model(cfg, ds.num_classes)
-        variables = builders.init_variables(model, cfg, ds.image_shape)
-        graph = taps.trace(model, variables, jnp.zeros((2, *ds.image_shape)), train=False)
+        shapes = builders.variable_shapes(model, ds.image_shape)
+        graph = taps.trace(model, shapes, jnp.zeros((2, *ds.image_shape)), train=False)
         tx = builders.create_optimizer(cfg, builders.steps_per_epoch(cfg, ds))
-        return create_train_state(cfg.seed, variables, graph, tx)
+        fresh = jax.eval_shape(lambda v: create_train_state(cfg.seed, v, graph, tx), shapes)
+        return builders.placed(fresh, sharding)
 
-    donor_c = config_lib.from_json_text(json.dumps(saved))
-    like_donor, like_run = fresh(donor_c), fresh(c)
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_donor)
-    state = ocp.StandardCheckpointer().restore((src / "default").absolute(), abstract)
+    like_donor = abstract(config_lib.from_json_text(json.dumps(saved)))
+    like_run = abstract(c)
+    state = ocp.StandardCheckpointer().restore((src / "default").absolute(), like_donor)
     step = int(state.step)
-    if c.swa.enabled:
-        swa = optim.find_swa_state(like_run.opt_state)
+    if c.swa.enabled:  # SWA's state at its start, as `optim.swa`'s init makes it
+        zeros = lambda s: jax.device_put(jnp.zeros(s.shape, s.dtype), sharding)
+        swa = jax.tree_util.tree_map(zeros, optim.find_swa_state(like_run.opt_state))
         opt_state = (state.opt_state, swa._replace(count=jnp.full_like(swa.count, step)))
     else:
         opt_state, swa = state.opt_state
