@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from configs import resnet
+from dnq_jax import data
 from dnq_jax.errors import ConfigError
 from dnq_jax.train import config as cfg
 from dnq_jax.train import optim
@@ -74,6 +75,39 @@ def test_bn_batches_mix_a_class_sorted_training_set():
     np.testing.assert_allclose(var(batches), whole, rtol=0.3)
     # Batches in the stored order (what the re-estimation used) see one class each.
     assert (var([x[a : a + 8] for a in range(0, 64, 8)]) < 0.01 * whole).all()
+
+
+def test_bn_batches_are_transformed_as_the_training_batches():
+    # Each yielded image is the stored one, zero-padded by `pad`, cropped back to its size at
+    # some offset and perhaps mirrored: found by a numpy search over every offset and flip.
+    rng = np.random.default_rng(3)
+    stored = rng.integers(1, 255, size=(24, 6, 6, 2)).astype(np.uint8)  # no zero pixel
+    zero, one = np.zeros(2, np.float32), np.ones(2, np.float32)
+    ds = types.SimpleNamespace(train_images=stored, num_train=24, mean=zero, std=one)
+    key, pad = jax.random.key(4), 2
+    rows = np.sort(np.asarray(data.epoch_indices(key, 24, 8)), axis=1)
+    batches = list(optim.bn_batches(ds, 8, key, pad=pad, flip=True))
+    assert len(batches) == len(rows) == 3
+    offsets, flips = set(), set()
+    for r, b in zip(rows, batches):
+        for i, got in zip(r, np.rint(np.asarray(b) * 255).astype(np.uint8)):
+            padded = np.pad(stored[i], ((pad, pad), (pad, pad), (0, 0)))
+            hits = [
+                (dy, dx, f)
+                for dy in range(2 * pad + 1)
+                for dx in range(2 * pad + 1)
+                for f in (False, True)
+                if np.array_equal(
+                    (lambda c: c[:, ::-1] if f else c)(padded[dy : dy + 6, dx : dx + 6]), got
+                )
+            ]
+            assert hits, "an image that is no crop of its padded original"
+            offsets.add(hits[0][:2])
+            flips.add(hits[0][2])
+    assert len(offsets) > 3 and flips == {False, True}  # the transform is drawn, per image
+    plain = list(optim.bn_batches(ds, 8, key))  # pad=0, flip=False: the stored images
+    for r, b in zip(rows, plain):
+        np.testing.assert_array_equal(np.rint(np.asarray(b) * 255).astype(np.uint8), stored[r])
 
 
 class _InputBN(nn.Module):

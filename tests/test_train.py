@@ -145,6 +145,34 @@ def test_smoke_trains_and_writes_results(smoke_run):
     )  # the profiler ran and fed the statistics
 
 
+def test_the_swa_models_bn_statistics_come_from_batches_augmented_as_in_training(smoke_run):
+    # The smoke data is trained with 2-pixel crops: the final statistics are those of the SWA
+    # weights over such batches (the loop's key), not over the unaugmented images.
+    from dnq_jax.train import optim, workdir
+
+    wd, _ = smoke_run
+    c = workdir.read_config(str(wd))
+    ds = builders.load_dataset(c)
+    s = StepSettings.from_config(c, ds.name, 0, ds.image_shape[0])
+    assert s.pad == 2
+    final = ocp.StandardCheckpointer().restore((wd / "final").absolute())
+    last = max(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    saved = ocp.StandardCheckpointer().restore(
+        (wd / "checkpoints" / str(last) / "default").absolute()
+    )
+    root = jax.random.wrap_key_data(saved["rng"])
+    key = jax.random.fold_in(sub_key(root, KEY_SHUFFLE), c.optim.num_epochs)
+    model = builders.create_model(c, ds.num_classes)
+
+    def stats(pad):
+        batches = optim.bn_batches(ds, c.optim.batch_size, key, pad=pad, flip=s.flip)
+        return optim.recompute_batch_stats(model, final, batches)["batch_stats"]
+
+    flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(t)])
+    np.testing.assert_allclose(flat(final["batch_stats"]), flat(stats(s.pad)), rtol=1e-5, atol=1e-6)
+    assert np.abs(flat(final["batch_stats"]) - flat(stats(0))).max() > 1e-3
+
+
 def test_resumed_run_matches_uninterrupted_bit_exactly(smoke_run, tmp_path):
     wd, _ = smoke_run
     steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())

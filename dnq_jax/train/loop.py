@@ -194,7 +194,15 @@ def train_and_evaluate(
         if n_swa and c.swa.bn_recalibration and "batch_stats" in final:
             # Its own permutation: the shuffle stream at an epoch number no epoch uses.
             key = jax.random.fold_in(sub_key(root_key(state), KEY_SHUFFLE), num_epochs)
-            batches = optim.bn_batches(ds, c.optim.batch_size, key)
+            # Transformed as the training batches were (the statistics the layers expect).
+            batches = optim.bn_batches(
+                ds,
+                c.optim.batch_size,
+                key,
+                pad=settings.pad,
+                flip=settings.flip,
+                stream_seed=(c.seed, num_epochs),
+            )
             final = jax.device_get(optim.recompute_batch_stats(model, final, batches))
     checkpoint.save_final(wd, final)
     eval_settings = evaluate.EvalSettings.from_config(c)
