@@ -76,8 +76,12 @@ def setting_of(cell: str) -> str:
     return cell.rsplit("_s", 1)[0]
 
 
-def paired(rows: list[dict]) -> list[dict]:
-    """Per setting other than sgd: mean and std over seeds of (cell - sgd of its seed)."""
+FIT_KEYS = ("train_top1", "test_top1", "train_loss", "test_loss")
+
+
+def paired(rows: list[dict], keys: tuple[str, ...] = FIT_KEYS) -> list[dict]:
+    """Per setting other than sgd: mean and std over seeds of (cell - sgd of its seed), for
+    each of the rows' `keys` (d_<key>, d_<key>_std)."""
     sgd = {r["seed"]: r for r in rows if setting_of(r["cell"]) == "sgd"}
     by: dict[str, list[dict]] = {}
     for r in rows:
@@ -86,10 +90,7 @@ def paired(rows: list[dict]) -> list[dict]:
             by.setdefault(s, []).append(r)
     out = []
     for s, rs in by.items():
-        d = {
-            k: [r[k] - sgd[r["seed"]][k] for r in rs]
-            for k in ("train_top1", "test_top1", "train_loss", "test_loss")
-        }
+        d = {k: [r[k] - sgd[r["seed"]][k] for r in rs] for k in keys}
         out.append(
             {
                 "setting": s,
@@ -104,7 +105,7 @@ def paired(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _pm(mean: float, std: float | None, fmt: str) -> str:
+def plus_minus(mean: float, std: float | None, fmt: str) -> str:
     return f"{mean:{fmt}}" if std is None else f"{mean:{fmt}} ± {std:.2f}"
 
 
@@ -136,8 +137,8 @@ def to_markdown(rows: list[dict], pairs: list[dict], command: str) -> str:
     ]
     for p in pairs:
         cols = [
-            _pm(p[f"d_{k}"], p[f"d_{k}_std"], "+.2f" if "top1" in k else "+.4f")
-            for k in ("train_top1", "test_top1", "train_loss", "test_loss")
+            plus_minus(p[f"d_{k}"], p[f"d_{k}_std"], "+.2f" if "top1" in k else "+.4f")
+            for k in FIT_KEYS
         ]
         lines.append(
             f"| {p['setting']} | {','.join(map(str, p['seeds']))} | " + " | ".join(cols) + " |"

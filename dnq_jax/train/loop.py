@@ -192,18 +192,7 @@ def train_and_evaluate(
     final = jax.device_get(state.variables(params))
     with hosts.agreed():
         if n_swa and c.swa.bn_recalibration and "batch_stats" in final:
-            # Its own permutation: the shuffle stream at an epoch number no epoch uses.
-            key = jax.random.fold_in(sub_key(root_key(state), KEY_SHUFFLE), num_epochs)
-            # Transformed as the training batches were (the statistics the layers expect).
-            batches = optim.bn_batches(
-                ds,
-                c.optim.batch_size,
-                key,
-                pad=settings.pad,
-                flip=settings.flip,
-                stream_seed=(c.seed, num_epochs),
-            )
-            final = jax.device_get(optim.recompute_batch_stats(model, final, batches))
+            final = reestimate_batch_stats(model, final, ds, c, root_key(state))
     checkpoint.save_final(wd, final)
     eval_settings = evaluate.EvalSettings.from_config(c)
     bar_shown = c.runtime.progress and hosts.is_primary()
@@ -215,6 +204,18 @@ def train_and_evaluate(
     results_lib.write(wd / results_lib.TRAINED, results)
     writer.close()
     return results
+
+
+def reestimate_batch_stats(model, variables: dict, ds, c: ml_collections.ConfigDict, root):
+    """`variables` (on the host) with the BatchNorm statistics the trainer gives the SWA
+    average: one pass over the training split, noise-free, transformed as the training
+    batches are (the run's crop/flip; a stream's training transform), in the order of the
+    shuffle stream at an epoch number no epoch uses. `root`: the run's root key."""
+    n = c.optim.num_epochs
+    key = jax.random.fold_in(sub_key(root, KEY_SHUFFLE), n)
+    aug = data.augment_config(ds.name, c.data.augment, ds.image_shape[0])
+    batches = optim.bn_batches(ds, c.optim.batch_size, key, **aug, stream_seed=(c.seed, n))
+    return jax.device_get(optim.recompute_batch_stats(model, variables, batches))
 
 
 def noise_lambda(c: ml_collections.ConfigDict, epoch: int) -> float:

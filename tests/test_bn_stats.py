@@ -1,0 +1,86 @@
+"""experiments/bn_stats.py: the SWA model's statistics as saved and as re-estimated now, on
+the smoke run laid out as a grid cell, and the same-seed differences against SGD."""
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "experiments"))  # bn_stats imports train_fit beside it
+spec = importlib.util.spec_from_file_location("bn_stats", ROOT / "experiments" / "bn_stats.py")
+bn_stats = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bn_stats)
+
+
+def test_the_smoke_runs_saved_statistics_are_the_ones_re_estimated_now(smoke_run, tmp_path):
+    """The smoke run (SWA, 2-pixel crops) was finished by today's trainer: re-estimating its
+    statistics from its root key gives back the saved ones, so 'now' equals 'saved', and
+    'saved' is the run's own FP32."""
+    from dnq_jax.train import evaluate, loop
+
+    smoke_wd, results = smoke_run
+    cell = tmp_path / "cells" / "dnq_s0"
+    shutil.copytree(smoke_wd, cell, ignore=shutil.ignore_patterns("checkpoints", "noise_start"))
+    c, model, saved, ds = evaluate.load_run(str(cell))
+    again = loop.reestimate_batch_stats(model, saved, ds, c, jax.random.key(c.seed))
+    for a, b in zip(jax.tree.leaves(again["batch_stats"]), jax.tree.leaves(saved["batch_stats"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    out, js = tmp_path / "bn.md", tmp_path / "bn.json"
+    argv = ["--workdir", str(tmp_path), "--bits", "w4a4", "--out", str(out), "--json", str(js)]
+    assert bn_stats.main(argv) == 0
+    (row,) = json.loads(js.read_text())["cells"]
+    assert row["re_estimated"] and row["bits"] == "w4a4"
+    assert row["fp32_saved"] == pytest.approx(results["fp32"], abs=1e-9)
+    assert row["rtn_saved"] == pytest.approx(results["w4a4"], abs=1e-9)
+    assert (row["fp32_now"], row["rtn_now"]) == (row["fp32_saved"], row["rtn_saved"])
+    assert "| dnq_s0 | dnq | True |" in out.read_text()
+
+
+def _row(cell, seed, fp32, fp32_now, rtn, rtn_now):
+    return {
+        "cell": cell,
+        "method": cell.rsplit("_s", 1)[0],
+        "seed": seed,
+        "re_estimated": not cell.startswith("sgd"),
+        "bits": "w2a4",
+        "fp32_saved": fp32,
+        "fp32_now": fp32_now,
+        "rtn_saved": rtn,
+        "rtn_now": rtn_now,
+    }
+
+
+def test_the_differences_against_sgd_are_per_seed():
+    rows = [
+        _row("sgd_s0", 0, 86.0, 86.0, 20.0, 20.0),
+        _row("sgd_s1", 1, 87.0, 87.0, 30.0, 30.0),
+        _row("dnq_s0", 0, 81.0, 84.0, 64.0, 65.0),
+        _row("dnq_s1", 1, 83.0, 85.0, 60.0, 61.0),
+    ]
+    (p,) = bn_stats.paired(rows, bn_stats.COLUMNS)
+    assert p["setting"] == "dnq" and p["seeds"] == [0, 1]
+    assert p["d_fp32_saved"] == pytest.approx(np.mean([-5.0, -4.0]))
+    assert p["d_fp32_now"] == pytest.approx(np.mean([-2.0, -2.0])) and p["d_fp32_now_std"] == 0
+    assert p["d_rtn_now"] == pytest.approx(np.mean([45.0, 31.0]))
+    md = bn_stats.to_markdown(rows, [p], "cmd")
+    assert "| dnq | 0,1 | -4.50 ± 0.71 | -2.00 ± 0.00 | +37.00 ± 9.90 | +38.00 ± 9.90 |" in md
+
+
+def test_bad_arguments_are_refused(tmp_path, capsys):
+    (tmp_path / "cells" / "sgd_s0").mkdir(parents=True)
+    for argv, says in [
+        (["--workdir", str(tmp_path / "absent")], "not a folder"),
+        (["--workdir", str(tmp_path), "--bits", "w2a4,w4a4"], "one bit-width"),
+        (["--workdir", str(tmp_path), "--bits", "w9"], "--bits"),
+        (["--workdir", str(tmp_path)], "no finished cell"),
+        (["--workdir", str(tmp_path), "--cells", "sgd_s0"], "not finished"),
+    ]:
+        with pytest.raises(SystemExit):
+            bn_stats.main(argv)
+        assert says in capsys.readouterr().err
