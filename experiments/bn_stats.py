@@ -15,8 +15,6 @@ after: it is measured once. Each cell is paired with the SGD cell of its seed.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from train_fit import data_key, paired, plus_minus  # noqa: E402
+from train_fit import cell_parser, finished, measure_cells, paired, plus_minus, write  # noqa: E402
 
 from dnq_jax.errors import ConfigError  # noqa: E402
 from dnq_jax.train import config as config_lib  # noqa: E402
@@ -95,50 +93,26 @@ def to_markdown(rows: list[dict], pairs: list[dict], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", required=True, help="a grid workdir (its cells/ folder)")
-    p.add_argument("--cells", default="", help="comma-separated; default: every finished cell")
+    p = cell_parser(__doc__.split("\n")[0])
     p.add_argument("--bits", default="w2a4", help="the RTN column's bit-width")
-    p.add_argument("--out", default="", help="write the markdown tables here")
-    p.add_argument("--json", default="", help="write the numbers here")
     a = p.parse_args(argv)
-    root = Path(a.workdir) / "cells"
-    if not root.is_dir():
-        p.error(f"{root} is not a folder: --workdir takes a grid workdir")
     try:
         if len(config_lib.parse_bits(a.bits)) != 1:
             p.error(f"--bits takes one bit-width, e.g. w2a4, not {a.bits!r}")
     except ConfigError as e:
         p.error(f"--bits: {e}")
-    names = [s.strip() for s in a.cells.split(",") if s.strip()] or sorted(
-        d.name for d in root.iterdir() if (d / "final").is_dir()
-    )
-    if not names:
-        p.error(f"no finished cell (with final variables) in {root}")
-    missing = [n for n in names if not (root / n / "final").is_dir()]
-    if missing:
-        p.error(f"not finished (no final variables): {', '.join(missing)}")
-    rows, datasets = [], {}
+    root, names = finished(p, a)
     print(f"{'cell':<16} {'method':<10} {'FP32 saved':>10} {'now':>7} {'RTN saved':>10} {'now':>7}")
-    for name in names:
-        key = data_key(root / name)
-        r, datasets[key] = measure(root / name, a.bits, datasets.get(key))
-        rows.append(r)
-        print(
-            f"{name:<16} {r['method']:<10} {r['fp32_saved']:>10.2f} {r['fp32_now']:>7.2f} "
-            f"{r['rtn_saved']:>10.2f} {r['rtn_now']:>7.2f}",
-            flush=True,
-        )
-    pairs = paired(rows, COLUMNS)
-    command = "python experiments/bn_stats.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
+    rows = measure_cells(
+        root,
+        names,
+        lambda cell, ds: measure(cell, a.bits, ds),
+        lambda r: (
+            f"{r['cell']:<16} {r['method']:<10} {r['fp32_saved']:>10.2f} "
+            f"{r['fp32_now']:>7.2f} {r['rtn_saved']:>10.2f} {r['rtn_now']:>7.2f}"
+        ),
     )
-    md = to_markdown(rows, pairs, command)
-    print("\n" + md.split("\n\n", 3)[-1])
-    if a.out:
-        Path(a.out).write_text(md)
-    if a.json:
-        Path(a.json).write_text(json.dumps({"cells": rows, "paired": pairs}, indent=2) + "\n")
+    write(a, "bn_stats.py", argv, rows, paired(rows, COLUMNS), to_markdown)
     return 0
 
 

@@ -146,13 +146,19 @@ def to_markdown(rows: list[dict], pairs: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def cell_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of a script that measures a grid's finished cells (with `finished`)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--workdir", required=True, help="a grid workdir (its cells/ folder)")
     p.add_argument("--cells", default="", help="comma-separated; default: every finished cell")
     p.add_argument("--out", default="", help="write the markdown tables here")
     p.add_argument("--json", default="", help="write the numbers here")
-    a = p.parse_args(argv)
+    return p
+
+
+def finished(p: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[Path, list[str]]:
+    """(cells folder, names) of the cells `a.cells` names, or of every finished one; exits
+    with `p.error` on a workdir that is no grid's or a named cell that has not finished."""
     root = Path(a.workdir) / "cells"
     if not root.is_dir():
         p.error(f"{root} is not a folder: --workdir takes a grid workdir")
@@ -161,29 +167,51 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not names:
         p.error(f"no finished cell (with final variables) in {root}")
+    missing = [n for n in names if not (root / n / "final").is_dir()]
+    if missing:
+        p.error(f"not finished (no final variables): {', '.join(missing)}")
+    return root, names
+
+
+def measure_cells(root: Path, names: list[str], measure_one, line) -> list[dict]:
+    """The rows of ``measure_one(cell folder, dataset or None) -> (row, dataset)`` over
+    `names`, each data set loaded once; prints ``line(row)`` as each cell is done."""
     rows, datasets = [], {}
-    print(f"{'cell':<16} {'method':<10} {'train':>7} {'test':>7} {'gap':>6}")
     for name in names:
-        if not (root / name / "final").is_dir():
-            p.error(f"{root / name} has no final variables (not finished)")
         key = data_key(root / name)
-        r, datasets[key] = measure(root / name, datasets.get(key))
+        r, datasets[key] = measure_one(root / name, datasets.get(key))
         rows.append(r)
-        print(
-            f"{name:<16} {r['method']:<10} {r['train_top1']:>7.2f} {r['test_top1']:>7.2f} "
-            f"{r['gap_top1']:>6.2f}",
-            flush=True,
-        )
-    pairs = paired(rows)
-    command = "python experiments/train_fit.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
-    md = to_markdown(rows, pairs, command)
+        print(line(r), flush=True)
+    return rows
+
+
+def write(a: argparse.Namespace, script: str, argv, rows: list[dict], pairs, render) -> None:
+    """Renders the tables (``render(rows, pairs, command)``), prints them below the command
+    line, and writes `--out` (markdown) and `--json` (rows and pairs) if given."""
+    args = argv if argv is not None else sys.argv[1:]
+    md = render(rows, pairs, f"python experiments/{script} " + " ".join(args))
     print("\n" + md.split("\n\n", 3)[-1])
     if a.out:
         Path(a.out).write_text(md)
     if a.json:
         Path(a.json).write_text(json.dumps({"cells": rows, "paired": pairs}, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cell_parser(__doc__.split("\n")[0])
+    a = p.parse_args(argv)
+    root, names = finished(p, a)
+    print(f"{'cell':<16} {'method':<10} {'train':>7} {'test':>7} {'gap':>6}")
+    rows = measure_cells(
+        root,
+        names,
+        measure,
+        lambda r: (
+            f"{r['cell']:<16} {r['method']:<10} {r['train_top1']:>7.2f} "
+            f"{r['test_top1']:>7.2f} {r['gap_top1']:>6.2f}"
+        ),
+    )
+    write(a, "train_fit.py", argv, rows, paired(rows), to_markdown)
     return 0
 
 
