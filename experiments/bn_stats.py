@@ -15,6 +15,7 @@ after: it is measured once. Each cell is paired with the SGD cell of its seed.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -33,9 +34,11 @@ from dnq_jax.train import evaluate, loop  # noqa: E402
 COLUMNS = ("fp32_saved", "fp32_now", "rtn_saved", "rtn_now")
 
 
-def re_estimated(c) -> bool:
-    """Whether the trainer re-estimates this run's statistics (SWA averaged, BN on)."""
-    return bool(c.swa.enabled and c.swa.bn_recalibration)
+def re_estimated(c, cell: Path) -> bool:
+    """Whether the trainer re-estimated this run's statistics: SWA on and averaging at least
+    one snapshot (the run's results.json), BatchNorm re-estimation on."""
+    results = json.loads((cell / "results.json").read_text())
+    return bool(c.swa.enabled and c.swa.bn_recalibration and results.get("swa_snapshots", 0))
 
 
 def measure(cell: Path, bits: str, ds=None) -> tuple[dict, object]:
@@ -53,7 +56,7 @@ def measure(cell: Path, bits: str, ds=None) -> tuple[dict, object]:
     fp32, rtn = top1(saved)
     row = {"cell": cell.name, "method": config_lib.method_name(c), "seed": int(c.seed)}
     row.update(fp32_saved=fp32, rtn_saved=rtn, fp32_now=fp32, rtn_now=rtn, bits=name)
-    row["re_estimated"] = re_estimated(c) and "batch_stats" in saved
+    row["re_estimated"] = re_estimated(c, cell) and "batch_stats" in saved
     if row["re_estimated"]:
         now = loop.reestimate_batch_stats(model, saved, ds, c, jax.random.key(c.seed))
         row["fp32_now"], row["rtn_now"] = top1(now)
@@ -68,9 +71,10 @@ def to_markdown(rows: list[dict], pairs: list[dict], command: str) -> str:
         "",
         f"command: `{command}`",
         "",
-        "Saved: the statistics the trainer re-estimated over the unaugmented training images "
-        "(the SGD cells: their running statistics). Now: over batches augmented as in "
-        "training (dnq_jax.train.loop.reestimate_batch_stats). Test top-1 (%), full split.",
+        "Saved: the statistics as the trainer that ran the cell left them (before SWA's "
+        "re-estimation saw augmented batches: over the unaugmented training images; without "
+        "SWA: the running statistics). Now: over batches augmented as in training "
+        "(dnq_jax.train.loop.reestimate_batch_stats). Test top-1 (%), full split.",
         "",
         "| cell | method | re-estimated " + head,
         "|---|---|---|---|---|---|---|",

@@ -212,6 +212,9 @@ def reestimate_batch_stats(model, variables: dict, ds, c: ml_collections.ConfigD
     batches are (the run's crop/flip; a stream's training transform), in the order of the
     shuffle stream at an epoch number no epoch uses. `root`: the run's root key."""
     n = c.optim.num_epochs
+    # On this process's default device, as the rest of the finish (the state's key is
+    # replicated over the whole mesh, and every op on it would run on every device).
+    root = jax.random.wrap_key_data(np.asarray(jax.random.key_data(root).addressable_data(0)))
     key = jax.random.fold_in(sub_key(root, KEY_SHUFFLE), n)
     aug = data.augment_config(ds.name, c.data.augment, ds.image_shape[0])
     batches = optim.bn_batches(ds, c.optim.batch_size, key, **aug, stream_seed=(c.seed, n))

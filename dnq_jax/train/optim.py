@@ -226,7 +226,7 @@ def recompute_batch_stats(
 ) -> PyTree:
     """New variables whose `batch_stats` are the average batch statistics over `batches`.
 
-    `batches` yields model-ready (normalised, unaugmented) image arrays of equal size.
+    `batches` yields model-ready (normalised) image arrays of equal size (`bn_batches`).
     A model without BatchNorm gets its variables back unchanged.
     """
     if "batch_stats" not in variables:
