@@ -13,6 +13,7 @@ import shutil
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -24,7 +25,7 @@ from dnq_jax import data
 from dnq_jax.cli import common
 from dnq_jax.data import folder, images
 from dnq_jax.errors import EXIT_CODES, ConfigError, DataError, Preempted
-from dnq_jax.train import builders, feed, metrics
+from dnq_jax.train import builders, feed, metrics, optim
 from dnq_jax.train import config as config_lib
 from dnq_jax.train import loop as loop_lib
 from dnq_jax.train.loop import train_and_evaluate
@@ -108,6 +109,24 @@ def test_host_augmentation_is_a_function_of_seed_epoch_step_and_row(jpegs):
     assert not np.array_equal(other, whole[0][0])
     once, again = s.read("test", [0, 1])[0], s.test_images[[0, 1]]
     np.testing.assert_array_equal(once, again)
+
+
+def test_bn_re_estimation_reads_a_streams_training_transform(jpegs):
+    """SWA's BatchNorm re-estimation sees a stream's images as its training batches are (the
+    ImageNet recipe's random crops, seeded as an epoch is), not its evaluation centre crops."""
+    s = data.open_stream("folder", image_folder=str(jpegs), image_size=32)
+    key = jax.random.key(7)
+    rows = np.sort(np.asarray(data.epoch_indices(key, s.num_train, 8)), axis=1)
+    got = [np.asarray(b) for b in optim.bn_batches(s, 8, key, stream_seed=(0, 9))]
+    want = [
+        np.asarray(data.normalize(jnp.asarray(x), s.mean, s.std))
+        for x, _ in s.batches("train", rows, seed=(0, 9))
+    ]
+    assert len(got) == len(want) == 10
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    evaluation = np.asarray(next(optim.bn_batches(s, 8, key)))  # no seed: centre crops
+    assert not np.array_equal(evaluation, got[0])
 
 
 def test_streamed_smoke_run_stopped_mid_epoch_resumes_to_the_device_run(smoke_run, tmp_path):
