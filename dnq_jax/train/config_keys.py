@@ -160,7 +160,11 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     ("swa.enabled", True, "stochastic weight averaging (from method)"),
     ("swa.start_epoch", 300, "SWA averages the epochs from this one on"),
     ("swa.lr", None, "constant learning rate from the SWA start (None: keep the cosine)"),
-    ("swa.bn_recalibration", True, "re-estimate BatchNorm statistics for the averaged weights"),
+    (
+        "swa.bn_recalibration",
+        True,
+        "re-estimate the averaged weights' BatchNorm statistics (augmented data)",
+    ),
     ("eval.every_epochs", 1, "FP32 test accuracy every N epochs"),
     ("eval.batch_size", 500, "evaluation batch"),
     ("eval.bits", "w8a8,w4a4,w2a4,w2a2", "PTQ bit-widths evaluated at the end"),
