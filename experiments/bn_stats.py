@@ -34,13 +34,6 @@ from dnq_jax.train import evaluate, loop  # noqa: E402
 COLUMNS = ("fp32_saved", "fp32_now", "rtn_saved", "rtn_now")
 
 
-def re_estimated(c, cell: Path) -> bool:
-    """Whether the trainer re-estimated this run's statistics: SWA on and averaging at least
-    one snapshot (the run's results.json), BatchNorm re-estimation on."""
-    results = json.loads((cell / "results.json").read_text())
-    return bool(c.swa.enabled and c.swa.bn_recalibration and results.get("swa_snapshots", 0))
-
-
 def measure(cell: Path, bits: str, ds=None) -> tuple[dict, object]:
     """(row, dataset) of one finished cell; `ds`: its data set, if loaded already."""
     c, model, saved, ds = evaluate.load_run(str(cell), ds)
@@ -56,7 +49,8 @@ def measure(cell: Path, bits: str, ds=None) -> tuple[dict, object]:
     fp32, rtn = top1(saved)
     row = {"cell": cell.name, "method": config_lib.method_name(c), "seed": int(c.seed)}
     row.update(fp32_saved=fp32, rtn_saved=rtn, fp32_now=fp32, rtn_now=rtn, bits=name)
-    row["re_estimated"] = re_estimated(c, cell) and "batch_stats" in saved
+    n_swa = json.loads((cell / "results.json").read_text()).get("swa_snapshots", 0)
+    row["re_estimated"] = loop.reestimates(c, n_swa, saved)
     if row["re_estimated"]:
         now = loop.reestimate_batch_stats(model, saved, ds, c, jax.random.key(c.seed))
         row["fp32_now"], row["rtn_now"] = top1(now)

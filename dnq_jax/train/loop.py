@@ -191,7 +191,7 @@ def train_and_evaluate(
     # To the host: the rest runs on each process's own default device, identically everywhere.
     final = jax.device_get(state.variables(params))
     with hosts.agreed():
-        if n_swa and c.swa.bn_recalibration and "batch_stats" in final:
+        if reestimates(c, n_swa, final):
             final = reestimate_batch_stats(model, final, ds, c, root_key(state))
     checkpoint.save_final(wd, final)
     eval_settings = evaluate.EvalSettings.from_config(c)
@@ -204,6 +204,12 @@ def train_and_evaluate(
     results_lib.write(wd / results_lib.TRAINED, results)
     writer.close()
     return results
+
+
+def reestimates(c: ml_collections.ConfigDict, n_swa: int, variables: dict) -> bool:
+    """Whether the trainer re-estimates the final BatchNorm statistics: SWA averaged `n_swa`
+    > 0 snapshots, `swa.bn_recalibration` is on, and the model has BatchNorm."""
+    return bool(n_swa and c.swa.bn_recalibration and "batch_stats" in variables)
 
 
 def reestimate_batch_stats(model, variables: dict, ds, c: ml_collections.ConfigDict, root):
