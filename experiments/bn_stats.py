@@ -11,10 +11,22 @@ after: it is measured once. Each cell is paired with the SGD cell of its seed.
 
   python experiments/bn_stats.py --workdir workdirs/dnq_table_fair --bits w2a4 \
       --out experiments/results/bn_stats.md --json experiments/results/bn_stats.json
+
+`--qdrop-iters N` adds QDrop at `--bits` with N iterations per block, saved and now (about
+4.5 minutes per ResNet-8 point at 5,000 on 2 CPU cores). The saved column can come from the
+grid that measured the cell (`--recorded GRID.json ...`, the grids' own JSON with the same
+`ptq_iters`): a recorded cell is taken where its FP32 equals the one measured here (the same
+model), and measured otherwise; each row says where its value came from.
+
+  python experiments/bn_stats.py --workdir workdirs/dnq_table_fair --bits w2a4 \
+      --cells sgd_s0,sgd_s1,dnq_w2a4_s0,dnq_w2a4_s1 --qdrop-iters 5000 \
+      --recorded experiments/results/fair_table.json experiments/results/authors_path.json \
+      --out experiments/results/bn_stats_qdrop.md --json experiments/results/bn_stats_qdrop.json
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -32,10 +44,32 @@ from dnq_jax.train import config as config_lib  # noqa: E402
 from dnq_jax.train import evaluate, loop  # noqa: E402
 
 COLUMNS = ("fp32_saved", "fp32_now", "rtn_saved", "rtn_now")
+QDROP_COLUMNS = ("qdrop_saved", "qdrop_now")
 
 
-def measure(cell: Path, bits: str, ds=None) -> tuple[dict, object]:
-    """(row, dataset) of one finished cell; `ds`: its data set, if loaded already."""
+def recorded_qdrop(paths: list[str], iters: int) -> dict[str, dict]:
+    """{cell name: {"fp32", "qdrop": {bits name: top-1}, "from": file name}} from grid JSONs
+    whose QDrop ran at `iters` iterations per block; ConfigError for any other count."""
+    out: dict[str, dict] = {}
+    for path in paths:
+        grid = json.loads(Path(path).read_text())
+        if grid.get("ptq_iters") != iters:
+            raise ConfigError(
+                f"--recorded {path}: its QDrop ran at {grid.get('ptq_iters')} iterations "
+                f"per block, not {iters}"
+            )
+        for c in grid.get("cells", []):
+            if c.get("ptq", {}).get("qdrop"):
+                q = c["ptq"]["qdrop"]
+                out[c["name"]] = {"fp32": c["fp32"], "qdrop": q, "from": Path(path).name}
+    return out
+
+
+def measure(
+    cell: Path, bits: str, ds=None, qdrop_iters: int = 0, recorded: dict | None = None
+) -> tuple[dict, object]:
+    """(row, dataset) of one finished cell; `ds`: its data set, if loaded already; with
+    `qdrop_iters`, QDrop's columns too (`recorded`: `recorded_qdrop`'s saved values)."""
     c, model, saved, ds = evaluate.load_run(str(cell), ds)
     settings = evaluate.EvalSettings.from_config(
         c, bits=tuple(config_lib.parse_bits(bits)), method="rtn", iters=0
@@ -51,15 +85,34 @@ def measure(cell: Path, bits: str, ds=None) -> tuple[dict, object]:
     row.update(fp32_saved=fp32, rtn_saved=rtn, fp32_now=fp32, rtn_now=rtn, bits=name)
     n_swa = json.loads((cell / "results.json").read_text()).get("swa_snapshots", 0)
     row["re_estimated"] = loop.reestimates(c, n_swa, saved)
+    now = saved
     if row["re_estimated"]:
         now = loop.reestimate_batch_stats(model, saved, ds, c, jax.random.key(c.seed))
         row["fp32_now"], row["rtn_now"] = top1(now)
+    if qdrop_iters:
+        qs = dataclasses.replace(settings, method="qdrop", iters=qdrop_iters)
+        qdrop = lambda v: evaluate.evaluate_variables(model, v, ds, qs, progress=True)[name]
+        rec = (recorded or {}).get(cell.name)
+        if rec and name in rec["qdrop"] and abs(rec["fp32"] - fp32) < 0.005:
+            row["qdrop_saved"], row["qdrop_saved_from"] = rec["qdrop"][name], rec["from"]
+        else:
+            row["qdrop_saved"], row["qdrop_saved_from"] = qdrop(saved), "measured"
+        row["qdrop_now"] = qdrop(now) if row["re_estimated"] else row["qdrop_saved"]
     return row, ds
+
+
+def columns(rows: list[dict]) -> tuple[str, ...]:
+    """The measured columns of `rows`: FP32 and RTN, and QDrop's where they were run."""
+    return COLUMNS + (QDROP_COLUMNS if rows and "qdrop_saved" in rows[0] else ())
 
 
 def to_markdown(rows: list[dict], pairs: list[dict], command: str) -> str:
     bits = rows[0]["bits"].upper() if rows else ""
+    cols = columns(rows)
     head = f"| FP32 saved | FP32 now | RTN {bits} saved | RTN {bits} now |"
+    if len(cols) > len(COLUMNS):
+        head += f" QDrop {bits} saved | QDrop {bits} now |"
+    rule = "|---" * len(cols) + "|"
     lines = [
         "# BatchNorm statistics of the SWA average: as saved, and as re-estimated now",
         "",
@@ -71,46 +124,67 @@ def to_markdown(rows: list[dict], pairs: list[dict], command: str) -> str:
         "(dnq_jax.train.loop.reestimate_batch_stats). Test top-1 (%), full split.",
         "",
         "| cell | method | re-estimated " + head,
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---" + rule,
     ]
     for r in rows:
-        vals = " | ".join(f"{r[k]:.2f}" for k in COLUMNS)
+        vals = " | ".join(f"{r[k]:.2f}" for k in cols)
         lines.append(f"| {r['cell']} | {r['method']} | {r['re_estimated']} | {vals} |")
+    if len(cols) > len(COLUMNS):
+        lines += ["", "QDrop saved, where from: " + ", ".join(
+            f"{r['cell']} {r['qdrop_saved_from']}" for r in rows
+        )]  # fmt: skip
     if pairs:
         lines += [
             "",
             "Minus the SGD cell of the same seed (mean ± std over the seeds listed):",
             "",
             "| setting | seeds " + head,
-            "|---|---|---|---|---|---|",
+            "|---|---" + rule,
         ]
         for p in pairs:
-            cols = " | ".join(plus_minus(p[f"d_{k}"], p[f"d_{k}_std"], "+.2f") for k in COLUMNS)
-            lines.append(f"| {p['setting']} | {','.join(map(str, p['seeds']))} | {cols} |")
+            vals = " | ".join(plus_minus(p[f"d_{k}"], p[f"d_{k}_std"], "+.2f") for k in cols)
+            lines.append(f"| {p['setting']} | {','.join(map(str, p['seeds']))} | {vals} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = cell_parser(__doc__.split("\n")[0])
-    p.add_argument("--bits", default="w2a4", help="the RTN column's bit-width")
+    p.add_argument("--bits", default="w2a4", help="the RTN (and QDrop) columns' bit-width")
+    p.add_argument(
+        "--qdrop-iters", type=int, default=0, help="add QDrop at N iterations per block (0: no)"
+    )
+    p.add_argument(
+        "--recorded", nargs="*", default=[], help="grid JSONs holding the cells' QDrop results"
+    )
     a = p.parse_args(argv)
     try:
         if len(config_lib.parse_bits(a.bits)) != 1:
             p.error(f"--bits takes one bit-width, e.g. w2a4, not {a.bits!r}")
     except ConfigError as e:
         p.error(f"--bits: {e}")
+    if a.qdrop_iters < 0 or (a.recorded and not a.qdrop_iters):
+        p.error("--qdrop-iters takes a count > 0; --recorded needs it")
+    try:
+        recorded = recorded_qdrop(a.recorded, a.qdrop_iters) if a.recorded else {}
+    except (OSError, ValueError, ConfigError) as e:
+        p.error(str(e))
     root, names = finished(p, a)
-    print(f"{'cell':<16} {'method':<10} {'FP32 saved':>10} {'now':>7} {'RTN saved':>10} {'now':>7}")
+    q_head = f" {'QDrop saved':>11} {'now':>7}" if a.qdrop_iters else ""
+    print(
+        f"{'cell':<16} {'method':<10} {'FP32 saved':>10} {'now':>7} {'RTN saved':>10} "
+        f"{'now':>7}{q_head}"
+    )
+    q_line = lambda r: f" {r['qdrop_saved']:>11.2f} {r['qdrop_now']:>7.2f}" if a.qdrop_iters else ""
     rows = measure_cells(
         root,
         names,
-        lambda cell, ds: measure(cell, a.bits, ds),
+        lambda cell, ds: measure(cell, a.bits, ds, a.qdrop_iters, recorded),
         lambda r: (
             f"{r['cell']:<16} {r['method']:<10} {r['fp32_saved']:>10.2f} "
-            f"{r['fp32_now']:>7.2f} {r['rtn_saved']:>10.2f} {r['rtn_now']:>7.2f}"
+            f"{r['fp32_now']:>7.2f} {r['rtn_saved']:>10.2f} {r['rtn_now']:>7.2f}" + q_line(r)
         ),
     )
-    write(a, "bn_stats.py", argv, rows, paired(rows, COLUMNS), to_markdown)
+    write(a, "bn_stats.py", argv, rows, paired(rows, columns(rows)), to_markdown)
     return 0
 
 

@@ -74,13 +74,52 @@ def test_the_differences_against_sgd_are_per_seed():
 
 def test_bad_arguments_are_refused(tmp_path, capsys):
     (tmp_path / "cells" / "sgd_s0").mkdir(parents=True)
+    (tmp_path / "grid.json").write_text(json.dumps({"ptq_iters": 200, "cells": []}))
+    grid = ["--recorded", str(tmp_path / "grid.json")]
     for argv, says in [
         (["--workdir", str(tmp_path / "absent")], "not a folder"),
         (["--workdir", str(tmp_path), "--bits", "w2a4,w4a4"], "one bit-width"),
         (["--workdir", str(tmp_path), "--bits", "w9"], "--bits"),
         (["--workdir", str(tmp_path)], "no finished cell"),
         (["--workdir", str(tmp_path), "--cells", "sgd_s0"], "not finished"),
+        (["--workdir", str(tmp_path), "--qdrop-iters", "-1"], "count > 0"),
+        (["--workdir", str(tmp_path), *grid], "needs it"),
+        (["--workdir", str(tmp_path), "--qdrop-iters", "5000", *grid], "at 200 iterations"),
+        (["--workdir", str(tmp_path), "--qdrop-iters", "5", "--recorded", "absent.json"], "absent"),
     ]:
         with pytest.raises(SystemExit):
             bn_stats.main(argv)
         assert says in capsys.readouterr().err
+
+
+def test_qdrop_columns_take_a_recorded_value_only_for_the_same_model(smoke_run, tmp_path):
+    """Two copies of the smoke run: the grid JSON records one with its own FP32 (its saved
+    QDrop is taken from there) and the other with another FP32 (another model: measured).
+    The smoke run's statistics re-estimate to the saved ones, so the measured saved and now
+    columns agree."""
+    smoke_wd, results = smoke_run
+    for name in ("dnq_s0", "dnq_s1"):
+        shutil.copytree(
+            smoke_wd,
+            tmp_path / "cells" / name,
+            ignore=shutil.ignore_patterns("checkpoints", "noise_start"),
+        )
+    grid = {
+        "ptq_iters": 2,
+        "cells": [
+            {"name": "dnq_s0", "fp32": results["fp32"], "ptq": {"qdrop": {"w4a4": 12.34}}},
+            {"name": "dnq_s1", "fp32": results["fp32"] + 1, "ptq": {"qdrop": {"w4a4": 56.78}}},
+        ],
+    }
+    (tmp_path / "grid.json").write_text(json.dumps(grid))
+    out, js = tmp_path / "bn.md", tmp_path / "bn.json"
+    argv = ["--workdir", str(tmp_path), "--bits", "w4a4", "--qdrop-iters", "2"]
+    argv += ["--recorded", str(tmp_path / "grid.json"), "--out", str(out), "--json", str(js)]
+    assert bn_stats.main(argv) == 0
+    a, b = json.loads(js.read_text())["cells"]
+    assert (a["qdrop_saved"], a["qdrop_saved_from"]) == (12.34, "grid.json")
+    assert b["qdrop_saved_from"] == "measured" and b["qdrop_saved"] != 56.78
+    assert a["qdrop_now"] == b["qdrop_now"] == b["qdrop_saved"]
+    md = out.read_text()
+    assert "QDrop W4A4 saved | QDrop W4A4 now |" in md
+    assert "QDrop saved, where from: dnq_s0 grid.json, dnq_s1 measured" in md
