@@ -37,6 +37,7 @@ class EvalSettings:
     bits: tuple[tuple[int, int], ...] = ((8, 8), (4, 4), (2, 4), (2, 2))
     method: str = "rtn"
     iters: int = 0  # reconstruction iterations; 0 = the method's default
+    recon_seed: int = 0  # the reconstruction's calibration batches and drop masks
     n_calib: int = 100
     calib_seed: int = 0
     calibrator: str = "minmax"
@@ -131,7 +132,7 @@ def evaluate_variables(
     calib_x = np.asarray(data.normalize(calib, ds.mean, ds.std))
     recon = None  # RTN; a reconstruction method's iterations (0: its default) and bar
     if settings.method != "rtn":
-        recon = {"iters": settings.iters or None, "progress": progress}
+        recon = {"iters": settings.iters or None, "progress": progress, "seed": settings.recon_seed}
     results: dict[str, Any] = {}
     reports: dict[str, Any] = {}
     t0 = time.time()
