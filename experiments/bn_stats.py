@@ -97,7 +97,9 @@ def measure(
             row["qdrop_saved"], row["qdrop_saved_from"] = rec["qdrop"][name], rec["from"]
         else:
             row["qdrop_saved"], row["qdrop_saved_from"] = qdrop(saved), "measured"
-        row["qdrop_now"] = qdrop(now) if row["re_estimated"] else row["qdrop_saved"]
+        # "Now" is measured by today's code unless "saved" just was (same code, same weights).
+        fresh = row["qdrop_saved_from"] == "measured" and not row["re_estimated"]
+        row["qdrop_now"] = row["qdrop_saved"] if fresh else qdrop(now)
     return row, ds
 
 
@@ -154,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         "--qdrop-iters", type=int, default=0, help="add QDrop at N iterations per block (0: no)"
     )
     p.add_argument(
-        "--recorded", nargs="*", default=[], help="grid JSONs holding the cells' QDrop results"
+        "--recorded",
+        nargs="*",
+        default=[],
+        help="grid JSONs holding the cells' QDrop results (a later file wins)",
     )
     a = p.parse_args(argv)
     try:
@@ -168,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         recorded = recorded_qdrop(a.recorded, a.qdrop_iters) if a.recorded else {}
     except (OSError, ValueError, ConfigError) as e:
         p.error(str(e))
+    except KeyError as e:
+        p.error(f"--recorded: a cell without {e} (not a grid's JSON)")
     root, names = finished(p, a)
     q_head = f" {'QDrop saved':>11} {'now':>7}" if a.qdrop_iters else ""
     print(

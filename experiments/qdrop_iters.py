@@ -85,7 +85,7 @@ def _write(out: Path, results: dict) -> None:
             text = [_cell_text(lookup.get((cell, b, i))) for i in iters]
             if any(text):
                 lines.append(f"| {cell} | {b.upper()} | " + " | ".join(text) + " |")
-    if len(seeds) > 1:
+    if seeds != [0]:
         lines += [
             "",
             "Mean ± sample std (number of seeds) over the reconstruction seeds "
@@ -98,7 +98,7 @@ def _write(out: Path, results: dict) -> None:
             )
     lines += ["", "Wall time of each point (s, this machine):", ""]
     for p in points:
-        seed = f" seed {_seed(p)}" if len(seeds) > 1 else ""
+        seed = f" seed {_seed(p)}" if seeds != [0] else ""
         lines.append(f"- {p['cell']} {p['bits'].upper()} {p['iters']}{seed}: {p['time_s']:.0f}")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(out.with_suffix(".png"), points, cells, bits)
