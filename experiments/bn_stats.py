@@ -16,7 +16,8 @@ after: it is measured once. Each cell is paired with the SGD cell of its seed.
 4.5 minutes per ResNet-8 point at 5,000 on 2 CPU cores). The saved column can come from the
 grid that measured the cell (`--recorded GRID.json ...`, the grids' own JSON with the same
 `ptq_iters`): a recorded cell is taken where its FP32 equals the one measured here (the same
-model), and measured otherwise; each row says where its value came from.
+model), and measured otherwise; each row says where its value came from. The now column
+is always today's code: measured, except where saved was just measured on unchanged weights.
 
   python experiments/bn_stats.py --workdir workdirs/dnq_table_fair --bits w2a4 \
       --cells sgd_s0,sgd_s1,dnq_w2a4_s0,dnq_w2a4_s1 --qdrop-iters 5000 \
