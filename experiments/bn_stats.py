@@ -112,8 +112,9 @@ def columns(rows: list[dict]) -> tuple[str, ...]:
 def to_markdown(rows: list[dict], pairs: list[dict], command: str) -> str:
     bits = rows[0]["bits"].upper() if rows else ""
     cols = columns(rows)
+    with_qdrop = cols != COLUMNS
     head = f"| FP32 saved | FP32 now | RTN {bits} saved | RTN {bits} now |"
-    if len(cols) > len(COLUMNS):
+    if with_qdrop:
         head += f" QDrop {bits} saved | QDrop {bits} now |"
     rule = "|---" * len(cols) + "|"
     lines = [
@@ -132,7 +133,7 @@ def to_markdown(rows: list[dict], pairs: list[dict], command: str) -> str:
     for r in rows:
         vals = " | ".join(f"{r[k]:.2f}" for k in cols)
         lines.append(f"| {r['cell']} | {r['method']} | {r['re_estimated']} | {vals} |")
-    if len(cols) > len(COLUMNS):
+    if with_qdrop:
         lines += ["", "QDrop saved, where from: " + ", ".join(
             f"{r['cell']} {r['qdrop_saved_from']}" for r in rows
         )]  # fmt: skip

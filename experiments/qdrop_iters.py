@@ -57,12 +57,16 @@ def _by_point(points: list[dict]) -> dict[tuple, list[float]]:
     return {k: [v for _, v in sorted(vals)] for k, vals in out.items()}
 
 
+def _mean_std(vals: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std (None for one value) of one point's seeds."""
+    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
+
+
 def _cell_text(vals: list[float] | None) -> str:
     if not vals:
         return ""
-    if len(vals) == 1:
-        return f"{vals[0]:.2f}"
-    return f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f} ({len(vals)})"
+    mean, std = _mean_std(vals)
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f} ({len(vals)})"
 
 
 def _write(out: Path, results: dict) -> None:
@@ -116,9 +120,12 @@ def _plot(path: Path, points: list[dict], cells: list[str], bits: list[str]) -> 
         for cell in cells:
             pts = sorted((i, v) for (c, bb, i), v in lookup.items() if c == cell and bb == b)
             if pts:
-                x = [i for i, _ in pts]
-                mean = [np.mean(v) for _, v in pts]
-                err = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for _, v in pts]
+                stats = [_mean_std(v) for _, v in pts]
+                x, mean, err = (
+                    [i for i, _ in pts],
+                    [m for m, _ in stats],
+                    [e or 0.0 for _, e in stats],
+                )
                 ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=cell)
         ax.set_xscale("log")
         ticks = sorted({p["iters"] for p in points})
