@@ -104,10 +104,14 @@ def test_qdrop_columns_take_a_recorded_value_only_for_the_same_model(smoke_run, 
             tmp_path / "cells" / name,
             ignore=shutil.ignore_patterns("checkpoints", "noise_start"),
         )
-    # dnq_s0 as if it had no SWA snapshot: not re-estimated, yet its recorded value is not
-    # carried into "now", which today's code measures.
+    # dnq_s0 as if it had neither SWA nor the re-estimation: not re-estimated, yet its
+    # recorded value is not carried into "now", which today's code measures.
     res = tmp_path / "cells" / "dnq_s0" / "results.json"
     res.write_text(json.dumps({**json.loads(res.read_text()), "swa_snapshots": 0}))
+    cfg = tmp_path / "cells" / "dnq_s0" / "config.json"
+    saved_config = json.loads(cfg.read_text())
+    saved_config["swa"]["bn_recalibration"] = False
+    cfg.write_text(json.dumps(saved_config))
     grid = {
         "ptq_iters": 2,
         "cells": [

@@ -173,6 +173,23 @@ def test_the_swa_models_bn_statistics_come_from_batches_augmented_as_in_training
     assert np.abs(flat(final["batch_stats"]) - flat(stats(0))).max() > 1e-3
 
 
+def test_bn_statistics_are_re_estimated_after_swa_or_a_noise_stage():
+    # Running statistics gathered under noise (W + lambda D_t has mean W + lambda mu_w) are not
+    # the clean weights': a run that ends under noise re-estimates them, SWA or not.
+    from dnq_jax.train.loop import reestimates
+
+    bn = {"params": {}, "batch_stats": {}}
+    assert reestimates(_config(), 3, bn)
+    assert reestimates(_config("swa.enabled=false"), 0, bn)
+    assert reestimates(_config("noise.act=false,swa.enabled=false"), 0, bn)
+    assert reestimates(_config("method=sgd,swa.enabled=true"), 3, bn)
+    assert not reestimates(_config("method=sgd"), 0, bn)
+    # A noise stage that has not begun by the last epoch: nothing to undo.
+    assert not reestimates(_config("swa.enabled=false,noise.start_epoch=5"), 0, bn)
+    assert not reestimates(_config("swa.enabled=false,swa.bn_recalibration=false"), 0, bn)
+    assert not reestimates(_config(), 3, {"params": {}})
+
+
 def test_resumed_run_matches_uninterrupted_bit_exactly(smoke_run, tmp_path):
     wd, _ = smoke_run
     steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())

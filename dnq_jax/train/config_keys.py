@@ -163,7 +163,7 @@ KEYS: tuple[tuple[str, object, str], ...] = (
     (
         "swa.bn_recalibration",
         True,
-        "re-estimate the averaged weights' BatchNorm statistics (augmented data)",
+        "re-estimate the final BatchNorm statistics after SWA or noise (augmented data)",
     ),
     ("eval.every_epochs", 1, "FP32 test accuracy every N epochs"),
     ("eval.batch_size", 500, "evaluation batch"),

@@ -207,9 +207,14 @@ def train_and_evaluate(
 
 
 def reestimates(c: ml_collections.ConfigDict, n_swa: int, variables: dict) -> bool:
-    """Whether the trainer re-estimates the final BatchNorm statistics: SWA averaged `n_swa`
-    > 0 snapshots, `swa.bn_recalibration` is on, and the model has BatchNorm."""
-    return bool(n_swa and c.swa.bn_recalibration and "batch_stats" in variables)
+    """Whether the trainer re-estimates the final BatchNorm statistics over clean forward
+    passes: `swa.bn_recalibration` is on, the model has BatchNorm, and either SWA averaged
+    `n_swa` > 0 snapshots (the running statistics belong to none of them) or the last epoch
+    trained under noise (they were gathered on perturbed weights or activations; under the
+    in-place form W + lambda D_t, whose mean is not W, that costs points)."""
+    if not (c.swa.bn_recalibration and "batch_stats" in variables):
+        return False
+    return bool(n_swa) or noise_lambda(c, c.optim.num_epochs - 1) > 0
 
 
 def reestimate_batch_stats(model, variables: dict, ds, c: ml_collections.ConfigDict, root):
