@@ -180,41 +180,50 @@ def test_streamed_smoke_run_stopped_mid_epoch_resumes_to_the_device_run(smoke_ru
 # ----------------------------------------------------------------- TFDS ArrayRecord builds
 
 
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-    """A genuine TFDS ArrayRecord build, `dnq_tiny_images` (JPEGs of 20x24, 3 classes),
-    written by TFDS itself (encoded images in, so no TensorFlow)."""
+def _tiny_tfds_build(root, class_name: str, splits: dict):
+    """A genuine TFDS ArrayRecord build named after `class_name` (snake case): JPEGs of 20x24,
+    3 classes; `splits`: name -> (examples, seed, labelled), an unlabelled split's labels
+    -1 as TFDS stores them (ImageNet's test split). Written by TFDS itself (encoded images in,
+    so no TensorFlow)."""
     import tensorflow_datasets as tfds
 
-    class DnqTinyImages(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version("1.0.0")
+    def _info(self):
+        features = tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(num_classes=3),
+            }
+        )
+        return tfds.core.DatasetInfo(builder=self, features=features)
 
-        def _info(self):
-            features = tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                    "label": tfds.features.ClassLabel(num_classes=3),
-                }
-            )
-            return tfds.core.DatasetInfo(builder=self, features=features)
+    def _split_generators(self, dl_manager):
+        return {name: self._generate_examples(*spec) for name, spec in splits.items()}
 
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples(12, 0), "test": self._generate_examples(6, 1)}
+    def _generate_examples(self, n, seed, labelled):
+        rng = np.random.default_rng(seed)
+        for i in range(n):
+            buf = io.BytesIO()
+            pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(buf, "JPEG")
+            buf.seek(0)
+            yield i, {"image": buf, "label": i % 3 if labelled else -1}
 
-        def _generate_examples(self, n, seed):
-            rng = np.random.default_rng(seed)
-            for i in range(n):
-                buf = io.BytesIO()
-                pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(buf, "JPEG")
-                buf.seek(0)
-                yield i, {"image": buf, "label": i % 3}
+    methods = dict(_info=_info, _split_generators=_split_generators)
+    methods.update(_generate_examples=_generate_examples, VERSION=tfds.core.Version("1.0.0"))
+    builder_class = type(class_name, (tfds.core.GeneratorBasedBuilder,), methods)
+    builder = builder_class(data_dir=str(root), file_format="array_record")
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
+    return builder
 
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    """`dnq_tiny_images`: 12 training and 6 test examples, labelled."""
     root = tmp_path_factory.mktemp("tfds")
-    builder = DnqTinyImages(data_dir=str(root), file_format="array_record")
-    config = tfds.download.DownloadConfig(try_download_gcs=False)
-    builder.download_and_prepare(download_config=config)
-    return root, builder
+    splits = {"train": (12, 0, True), "test": (6, 1, True)}
+    return root, _tiny_tfds_build(root, "DnqTinyImages", splits)
 
 
 def test_tfds_array_record_build_is_read_as_tfds_reads_it(tfds_dir):
@@ -240,6 +249,48 @@ def test_tfds_array_record_build_is_read_as_tfds_reads_it(tfds_dir):
     np.testing.assert_array_equal(x, dev.train_images[[3, 0, 7]])
     np.testing.assert_array_equal(y, dev.train_labels[[3, 0, 7]])
     assert "tensorflow" not in sys.modules
+
+
+def test_unlabelled_test_split_gives_way_to_validation_and_bad_records_are_named(
+    tfds_dir, tmp_path
+):
+    """ImageNet's TFDS build has a `test` split whose labels are all -1 (TFDS's "no label"):
+    the stream evaluates on `validation`, and refuses a build with no labelled held-out split.
+    A label outside the classes and a record that is no tf.train.Example are data errors that
+    name the record, never padding or a bare protobuf error."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from dnq_jax.data import records
+
+    splits = {"train": (6, 0, True), "test": (3, 1, False), "validation": (4, 2, True)}
+    _tiny_tfds_build(tmp_path, "DnqTinyUnlabelledTest", splits)
+    s = data.open_stream("tfds:dnq_tiny_unlabelled_test", tfds_data_dir=str(tmp_path))
+    assert (s.num_train, s.num_test) == (6, 4)
+    held_out = [s.sources["test"][i] for i in range(4)]
+    assert sorted(label for _, label, _ in held_out) == [0, 0, 1, 2]
+    assert held_out[0][2] == "TFDS dnq_tiny_unlabelled_test validation record 0"
+    splits = {"train": (6, 0, True), "test": (3, 1, False)}
+    _tiny_tfds_build(tmp_path, "DnqTinyNoLabels", splits)
+    with pytest.raises(DataError, match=r"carry no labels \(-1\)"):
+        data.open_stream("tfds:dnq_tiny_no_labels", tfds_data_dir=str(tmp_path))
+
+    root, _ = tfds_dir
+    build = records.open_build("dnq_tiny_images", str(root))
+    labels = [build["train"][i][1] for i in range(12)]
+    keys = ("name", "split", "paths", "length", "image_key", "label_key")
+    name, split, paths, length, *feature_keys = (build["train"].__dict__[k] for k in keys)
+    two = records.RecordSplit(name, split, paths, length, tuple(feature_keys), num_classes=2)
+    assert two[labels.index(1)][1] == 1
+    k = labels.index(2)
+    with pytest.raises(DataError, match=rf"train record {k}: label 2 is outside \[0, 2\)"):
+        two[k]
+    path = tmp_path / "junk.array_record"
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    writer.write(b"\xff\xff\xff not a protocol buffer")
+    writer.close()
+    junk = records.RecordSplit("junk", "train", [str(path)], 1, ("image", "label"), 3)
+    with pytest.raises(DataError, match="junk train record 0: not a tf.train.Example"):
+        junk[0]
 
 
 def test_auto_says_which_path_it_took(jpegs):

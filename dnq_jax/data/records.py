@@ -58,9 +58,12 @@ def find_build(builder: str, data_dir: str | None) -> Path:
 class RecordSplit:
     """One split of a build: random access to (encoded image bytes, label, where)."""
 
-    def __init__(self, name: str, split: str, paths: list[str], length: int, keys) -> None:
+    def __init__(
+        self, name: str, split: str, paths: list[str], length: int, keys, num_classes: int
+    ) -> None:
         self.name, self.split, self.paths, self.length = name, split, paths, length
         self.image_key, self.label_key = keys
+        self.num_classes = num_classes
         self._source = None  # opened on first use, in each process
 
     def __len__(self) -> int:
@@ -70,6 +73,17 @@ class RecordSplit:
         return {**self.__dict__, "_source": None}
 
     def __getitem__(self, i: int) -> tuple[bytes, int, str]:
+        raw, label, where = self.read(i)
+        if not 0 <= label < self.num_classes:
+            # -1 is TFDS's "no label" (ImageNet's test split); to the stream it would be padding.
+            raise DataError(
+                f"{where}: label {label} is outside [0, {self.num_classes}) (an unlabelled split?)"
+            )
+        return raw, label, where
+
+    def read(self, i: int) -> tuple[bytes, int, str]:
+        """(encoded image, label as stored, where) of record `i`, the label unchecked."""
+        from google.protobuf.message import DecodeError
         from tensorflow_datasets.proto import tf_example_pb2  # no TensorFlow needed
 
         if self._source is None:
@@ -78,19 +92,26 @@ class RecordSplit:
             self._source = ArrayRecordDataSource(self.paths)
         where = f"TFDS {self.name} {self.split} record {i}"
         try:
-            feature = tf_example_pb2.Example.FromString(self._source[i]).features.feature
+            record = self._source[i]
+        except (OSError, RuntimeError, ValueError) as err:
+            raise DataError(f"{where}: unreadable ({err}); rebuild the split") from err
+        try:
+            feature = tf_example_pb2.Example.FromString(record).features.feature
             return (
                 feature[self.image_key].bytes_list.value[0],
                 int(feature[self.label_key].int64_list.value[0]),
                 where,
             )
+        except DecodeError as err:
+            raise DataError(f"{where}: not a tf.train.Example ({err}); rebuild the split") from err
         except (IndexError, KeyError, ValueError) as err:
             raise DataError(f"{where}: no {self.image_key}/{self.label_key} ({err})") from err
 
 
 def open_build(builder: str, data_dir: str | None) -> dict:
     """{'train', 'test': RecordSplit, 'num_classes', 'shape': (H or None, W or None, C)} of
-    `builder`'s ArrayRecord build; the test split is 'test', else 'validation'."""
+    `builder`'s ArrayRecord build; the test split is 'test' where its records carry labels,
+    else 'validation' (ImageNet's 'test' split, built when its tar is at hand, has none)."""
     version = find_build(builder, data_dir)
     root = default_data_dir(data_dir)
     info = json.loads((version / "dataset_info.json").read_text())
@@ -103,28 +124,41 @@ def open_build(builder: str, data_dir: str | None) -> dict:
         )
     image_key, label_key, shape, num_classes = _features(version / "features.json")
     splits = {s["name"]: s for s in info.get("splits", [])}
-    test = next((s for s in ("test", "validation") if s in splits), None)
-    if "train" not in splits or test is None:
+    held_out = [s for s in ("test", "validation") if s in splits]
+    if "train" not in splits or not held_out:
         raise DataError(f"{version}: splits {sorted(splits)}; need train and test or validation")
     out = {"num_classes": num_classes, "shape": shape}
-    for ours, theirs in (("train", "train"), ("test", test)):
-        s = splits[theirs]
-        lengths = [int(n) for n in s.get("shardLengths", [])]
-        template = s.get("filepathTemplate", "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}")
-        paths = [
-            str(version / template.replace("{DATASET}", info["name"])
-                .replace("{SPLIT}", theirs).replace("{FILEFORMAT}", "array_record")
-                .replace("{SHARD_X_OF_Y}", f"{i:05d}-of-{len(lengths):05d}"))
-            for i in range(len(lengths))
-        ]  # fmt: skip
-        missing = [p for p in paths if not Path(p).is_file()]
-        if missing or not lengths:
-            raise DataError(
-                f"{version}: the {theirs} split's files are missing ({missing[:3] or 'none listed'}"
-                f"); the build is incomplete: {build_command(builder, root)}"
-            )
-        out[ours] = RecordSplit(builder, theirs, paths, sum(lengths), (image_key, label_key))
-    return out
+    keys = (image_key, label_key)
+    out["train"] = _split(builder, version, info, splits["train"], keys, num_classes, root)
+    for name in held_out:
+        split = _split(builder, version, info, splits[name], keys, num_classes, root)
+        if split.read(0)[1] >= 0:  # TFDS stores -1 for "no label"
+            out["test"] = split
+            return out
+    raise DataError(
+        f"{version}: the held-out splits ({', '.join(held_out)}) carry no labels (-1); "
+        "evaluation needs a labelled test or validation split"
+    )
+
+
+def _split(builder, version: Path, info: dict, s: dict, keys, num_classes: int, root: Path):
+    """The RecordSplit of split entry `s` of `info` (dataset_info.json), its files checked."""
+    theirs = s["name"]
+    lengths = [int(n) for n in s.get("shardLengths", [])]
+    template = s.get("filepathTemplate", "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}")
+    paths = [
+        str(version / template.replace("{DATASET}", info["name"])
+            .replace("{SPLIT}", theirs).replace("{FILEFORMAT}", "array_record")
+            .replace("{SHARD_X_OF_Y}", f"{i:05d}-of-{len(lengths):05d}"))
+        for i in range(len(lengths))
+    ]  # fmt: skip
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing or not lengths:
+        raise DataError(
+            f"{version}: the {theirs} split's files are missing ({missing[:3] or 'none listed'}"
+            f"); the build is incomplete: {build_command(builder, root)}"
+        )
+    return RecordSplit(builder, theirs, paths, sum(lengths), keys, num_classes)
 
 
 def _features(path: Path):
