@@ -296,8 +296,18 @@ class _Mirror(nn.Module):
             child.__dict__["_dnq_linen_call"] = entry
         out = copy(*args, **kwargs)
         for var, holder in owned:
-            if holder is not None and self.is_mutable_collection(holder.collection):
+            if holder is None:
+                continue
+            if self.is_mutable_collection(holder.collection):
                 holder.value = var.value
+            elif train and holder.collection == "rngcount":
+                # The count would not advance: every training call would repeat one draw.
+                raise NNXBridgeError(
+                    f"NNX bridge: {_name(node.path)} draws random numbers in training mode "
+                    "(nnx.Dropout, nnx.Rngs): apply the view with train=True and "
+                    "mutable=[..., 'rngcount'], and write the returned counts back "
+                    "(taps_nnx.update), or every call repeats the same draw"
+                )
         return out
 
     def _child_call(self, child: _Node):

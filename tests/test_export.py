@@ -210,6 +210,35 @@ def test_onnx_refuses_a_primitive_it_cannot_translate():
         export_onnx.to_graph(lambda x: jnp.sort(x, axis=-1), (4, 4, 3), lambda k: None)
 
 
+def test_a_conv_output_read_twice_inside_a_nested_call_keeps_its_bias_to_itself(tmp_path):
+    """hard_swish is a jitted function that reads its input twice (x * relu6(x + 3) / 6): the
+    `+ 3` must not become the bias of the bias-free conv feeding it, or the other read would
+    see conv + 3."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    import jax
+
+    from dnq_jax.ptq.export import onnx_model, onnx_session
+
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+    dims = ("NHWC", "HWIO", "NHWC")
+    conv = lambda x: jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dims)
+    fn = lambda x: jax.nn.hard_swish(conv(x))
+    graph, _ = export_onnx.to_graph(fn, (6, 6, 3), lambda k: None)
+    path = tmp_path / "hswish.onnx"
+    path.write_bytes(onnx_model(graph).SerializeToString())
+    x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+    np.testing.assert_allclose(onnx_session(path)(x), fn(x), rtol=1e-5, atol=1e-5)
+
+
+def test_load_reads_an_exported_file_by_its_format_not_its_name(
+    onnx_logits, quantized, net, tmp_path
+):
+    result = ptq.export(quantized["rtn", 4, 4], tmp_path / "model.qdq", format="onnx")
+    np.testing.assert_array_equal(load(result)(net[3]), onnx_logits["rtn", 4, 4][1])
+
+
 def test_evaluate_writes_and_checks_both_formats(net, tmp_path, capsys):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
@@ -237,6 +266,16 @@ def test_evaluate_writes_and_checks_both_formats(net, tmp_path, capsys):
         "w4a4.onnx",
         "w4a4.onnx.json",
     }
+    # Without onnx: said before the evaluation, StableHLO written and checked, nothing lost.
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
+        again = evaluate.evaluate_variables(
+            model, variables, ds, settings, False, str(tmp_path / "h")
+        )
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("export: StableHLO only; ONNX needs onnx and onnxruntime: pip install")
+    assert len(out) == 2 and "stablehlo w4a4" in out[1] and again["w4a4"] == results["w4a4"]
+    assert {p.name for p in (tmp_path / "h").iterdir()} == {"w4a4.stablehlo", "w4a4.stablehlo.json"}
 
 
 def test_evaluate_cli_passes_export_on(monkeypatch, capsys):

@@ -147,6 +147,17 @@ def test_same_rtn_and_qdrop_outputs(twins, bits, methods):
         assert float(jnp.abs(q_nnx(images) - model(images)).max()) > 1e-3
 
 
+def test_an_nnx_models_quantized_export_reloads_to_its_logits(twins, tmp_path):
+    _, view, twin, variables, images = twins
+    spec = QuantSpec(w_bits=4, a_bits=4)
+    q_nnx = dnq_jax.ptq.quantize(view, variables, images[:32], spec)
+    exported = dnq_jax.ptq.export(q_nnx, tmp_path / "nnx.stablehlo")
+    from dnq_jax.ptq.export import load
+
+    np.testing.assert_array_equal(load(exported)(images), q_nnx(images))
+    _close(q_nnx(images), dnq_jax.ptq.quantize(twin, variables, images[:32], spec)(images))
+
+
 def test_same_error_statistics_and_sharpness(twins):
     _, view, twin, variables, images = twins
     labels = jnp.arange(images.shape[0]) % 10
@@ -232,3 +243,29 @@ def test_refusals_name_the_module():
     params = {k: v for k, v in taps_nnx.as_linen(net)[1]["params"].items() if k != "head"}
     with pytest.raises(taps_nnx.NNXBridgeError, match="params/head/(bias|kernel) is missing"):
         taps_nnx.update(net, {"params": params})
+
+
+class Dropped(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.lin = nnx.Linear(4, 4, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.drop(self.lin(x))
+
+
+def test_dropout_draws_advance_only_through_a_written_back_count():
+    """A training call advances nnx.Dropout's RNG count; a view applied without 'rngcount'
+    mutable would repeat one mask on every call, so it is refused. With it, the counts written
+    back give each step a new mask, as the NNX model's own calls do."""
+    model = Dropped(nnx.Rngs(0))
+    view, variables = taps_nnx.as_linen(model)
+    x = jnp.ones((2, 4))
+    np.testing.assert_array_equal(view.apply(variables, x), model.lin(x))  # evaluation: no draw
+    with pytest.raises(taps_nnx.NNXBridgeError, match="drop draws random numbers.*'rngcount'"):
+        view.apply(variables, x, train=True, mutable=["batch_stats"])
+    first, new = view.apply(variables, x, train=True, mutable=["rngcount"])
+    taps_nnx.update(model, new)
+    second, _ = view.apply(taps_nnx.variables(model), x, train=True, mutable=["rngcount"])
+    assert not np.array_equal(first, second)
+    assert {0.0, 2.0} >= set(np.round(np.asarray(first / model.lin(x)), 5).ravel().tolist())

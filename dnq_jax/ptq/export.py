@@ -8,8 +8,9 @@ Each file gets a JSON sidecar (``w4a4.onnx.json``): input shape and layout, bit-
 method, normalisation if given, sizes. docs/deploy.md tells what each format is for.
 
 StableHLO: `jax.export` of the quantized forward pass with a symbolic batch axis; anything
-with JAX (``jax.export.deserialize(data).call(images)``), XLA or IREE runs it, bit for bit
-the in-process logits on the same backend.
+with JAX reloads it (``jax.export.deserialize(data).call(images)``), bit for bit the
+in-process logits on the same backend; its module (``.mlir_module()``) is what XLA's or
+IREE's own tools take.
 
 ONNX: the traced forward pass translated to ONNX opset 21 (export_onnx.py). Kernels are
 stored as signed integer codes with a scale and zero point per output channel: INT4 where
@@ -331,18 +332,38 @@ def onnx_session(path: str | Path) -> Callable[[Any], np.ndarray]:
 
 
 def load(exported: Exported | str | Path) -> Callable[[Any], Any]:
-    """The ``images -> logits`` function of a written file (format from the file name)."""
-    path = Path(exported.path if isinstance(exported, Exported) else exported)
-    return onnx_session(path) if path.suffix == ".onnx" else load_stablehlo(path)
+    """The ``images -> logits`` function of a written file: an `Exported`'s own format, a
+    path's from its name (``.onnx``, else StableHLO)."""
+    if isinstance(exported, Exported):
+        path, fmt = Path(exported.path), exported.format
+    else:
+        path = Path(exported)
+        fmt = "onnx" if path.suffix == ".onnx" else "stablehlo"
+    return onnx_session(path) if fmt == "onnx" else load_stablehlo(path)
+
+
+def available_formats() -> tuple[str, ...]:
+    """The formats this installation can write and run back: ONNX needs onnx and
+    onnxruntime (the `dev` extra), StableHLO only jax."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return tuple(f for f in FORMATS if f != "onnx")
+    return FORMATS
 
 
 def export_all(
-    qm: Any, directory: str | Path, *, normalization: Mapping[str, Any] | None = None
+    qm: Any,
+    directory: str | Path,
+    *,
+    normalization: Mapping[str, Any] | None = None,
+    formats: tuple[str, ...] = FORMATS,
 ) -> list[Exported]:
-    """Writes ``<bits>.stablehlo`` and ``<bits>.onnx`` (with sidecars) to `directory`;
-    ONNX only where every width is at most 8 bits (what it stores)."""
-    formats = list(FORMATS)
-    if max(max(w, a or 0) for w, a in qm.bits_per_layer.values()) > 8:
+    """Writes ``<bits>.stablehlo`` and ``<bits>.onnx`` (with sidecars) to `directory`, of
+    `formats`; ONNX only where every width is at most 8 bits (what it stores)."""
+    formats = [f for f in FORMATS if f in formats]
+    if "onnx" in formats and max(max(w, a or 0) for w, a in qm.bits_per_layer.values()) > 8:
         formats.remove("onnx")
     directory = Path(directory)
     return [

@@ -137,12 +137,16 @@ class _Builder:
     def run(self, jaxpr, consts: list, args: list) -> list:
         env: dict = {}
         read = lambda v: np.asarray(v.val) if isinstance(v, core.Literal) else env[v]
+        uses = collections.Counter(v for e in jaxpr.eqns for v in e.invars if not _lit(v))
+        uses.update({v: 2 for v in jaxpr.outvars if not _lit(v)})  # outer readers unknown
         for var, val in zip(jaxpr.constvars, consts):
             env[var] = np.asarray(val)
         for var, val in zip(jaxpr.invars, args):
+            # A conv output passed into a nested call (read once outside it) may be read
+            # twice inside: its bias can be fused only if this body reads it once too.
+            if isinstance(val, _Val) and val.conv is not None and uses[var] != 1:
+                val = dataclasses.replace(val, conv=None)
             env[var] = val
-        uses = collections.Counter(v for e in jaxpr.eqns for v in e.invars if not _lit(v))
-        uses.update({v: 2 for v in jaxpr.outvars if not _lit(v)})  # outer readers unknown
         for eqn in jaxpr.eqns:
             vals = [read(v) for v in eqn.invars]
             if not any(isinstance(v, _Val) for v in vals):

@@ -24,7 +24,7 @@ import numpy as np
 from dnq_jax import data, ptq
 from dnq_jax import progress as progress_lib
 from dnq_jax.errors import ConfigError
-from dnq_jax.ptq.export import export_all, load
+from dnq_jax.ptq.export import ONNX_PIP, available_formats, export_all, load
 from dnq_jax.train import builders, checkpoint, hosts, workdir
 from dnq_jax.train import config as config_lib
 from dnq_jax.train import results as results_lib
@@ -119,12 +119,16 @@ def evaluate_variables(
     """FP32 and PTQ top-1 (percent) on the full test split, plus the settings used.
 
     With `export_dir`, each quantized model is also written there as StableHLO and ONNX
-    (`dnq_jax.ptq.export`, docs/deploy.md), and each file, reloaded, is measured on the test
+    (`dnq_jax.ptq.export`, docs/deploy.md; ONNX where onnx and onnxruntime are installed,
+    said before the evaluation starts), and each file, reloaded, is measured on the test
     split: one printed line per file, its top-1 next to the in-process one.
     """
     methods = config_lib.ptq_methods()
     if settings.method not in methods:
         raise ConfigError(f"eval.method: unknown {settings.method!r}; choose from {methods}")
+    formats = available_formats() if export_dir is not None else ()
+    if export_dir is not None and "onnx" not in formats:
+        print(f"export: StableHLO only; ONNX needs onnx and onnxruntime: {ONNX_PIP}", flush=True)
     # A stream's test split is read batch by batch for each model, never whole.
     streamed = isinstance(ds, data.Stream)
     test_x = None if streamed else np.asarray(data.normalize(ds.test_images, ds.mean, ds.std))
@@ -152,7 +156,8 @@ def evaluate_variables(
         qm = ptq.quantize(model, variables, calib_x, spec, method=settings.method, recon=recon)
         results[bits_name(wb, ab)] = _top1(qm, ds, test_x, settings.batch_size)
         if export_dir is not None:
-            _export(qm, export_dir, ds, test_x, results[bits_name(wb, ab)], settings)
+            top1 = results[bits_name(wb, ab)]
+            _export(qm, export_dir, formats, ds, test_x, top1, settings)
         if settings.method != "rtn":
             # Each block's output error before and after, the settings and the wall time.
             reports[bits_name(wb, ab)] = qm.report
@@ -170,10 +175,10 @@ def evaluate_variables(
     return results
 
 
-def _export(qm, directory: str, ds: data.Dataset, test_x, top1: float, settings) -> None:
+def _export(qm, directory: str, formats, ds: data.Dataset, test_x, top1: float, settings):
     formula = "(uint8_image / 255 - mean) / std, per channel"
     normalization = {"mean": ds.mean, "std": ds.std, "formula": formula}
-    for out in export_all(qm, directory, normalization=normalization):
+    for out in export_all(qm, directory, normalization=normalization, formats=formats):
         checked = _top1(load(out), ds, test_x, settings.batch_size)
         print(f"export {out}, top-1 {checked:.2f} (in-process {top1:.2f})", flush=True)
 
