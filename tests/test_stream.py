@@ -95,15 +95,18 @@ def test_host_augmentation_is_a_function_of_seed_epoch_step_and_row(jpegs):
     halves = zip(
         s.batches("train", rows[:, :4], seed=(0, 5)),
         s.batches("train", rows[:, 4:], seed=(0, 5), first_row=4),
+        strict=True,
     )
-    for (x, y), ((a, ya), (b, yb)) in zip(whole, halves):
+    for (x, y), ((a, ya), (b, yb)) in zip(whole, halves, strict=True):
         np.testing.assert_array_equal(x, np.concatenate([a, b]))
         np.testing.assert_array_equal(y, np.concatenate([ya, yb]))
     tail = list(s.batches("train", rows[6:], seed=(0, 5), first_step=6))
-    for (x, _), (t, _) in zip(whole[6:], tail):
+    for (x, _), (t, _) in zip(whole[6:], tail, strict=True):
         np.testing.assert_array_equal(x, t)
     worker = data.open_stream("folder", image_folder=str(jpegs), image_size=32, workers=1)
-    for (x, _), (w, _) in zip(whole[:3], worker.batches("train", rows[:3], seed=(0, 5))):
+    for (x, _), (w, _) in zip(
+        whole[:3], worker.batches("train", rows[:3], seed=(0, 5)), strict=True
+    ):
         np.testing.assert_array_equal(x, w)
     other = next(iter(s.batches("train", rows[:1], seed=(0, 6))))[0]
     assert not np.array_equal(other, whole[0][0])
@@ -329,6 +332,12 @@ def test_folder_without_classes_or_with_an_unreadable_file_is_refused(tmp_path, 
     status, err = _refused(c, tmp_path, capsys)
     assert status == 3 and "class01/001.jpg: not a readable image" in err, err
     assert "The run has not started" in err
+    # Hidden folders (a notebook's checkpoints) are no classes, in train/ or val/.
+    hidden = write_folder(tmp_path / "hidden", classes=2, train=2, val=1, size=8)
+    for split in ("train", "val"):
+        (hidden / split / ".ipynb_checkpoints").mkdir()
+    s = data.open_stream("folder", image_folder=str(hidden), image_size=8)
+    assert (s.num_classes, s.num_train, s.num_test) == (2, 4, 2)
 
 
 def test_unbuilt_tfds_set_names_the_build_command(tmp_path, capsys):
