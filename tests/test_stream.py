@@ -112,6 +112,15 @@ def test_host_augmentation_is_a_function_of_seed_epoch_step_and_row(jpegs):
     assert not np.array_equal(other, whole[0][0])
     once, again = s.read("test", [0, 1])[0], s.test_images[[0, 1]]
     np.testing.assert_array_equal(once, again)
+    # The views index as numpy does: ints, negative ints, slices, masks; others refused.
+    images_, labels_ = np.asarray(s.test_images), np.asarray(s.test_labels)
+    mask = np.arange(len(labels_)) % 3 == 0
+    for idx in (-1, 4, [-1, 0], slice(-3, None), mask, []):
+        np.testing.assert_array_equal(s.test_images[idx], images_[idx])
+        np.testing.assert_array_equal(s.test_labels[idx], labels_[idx])
+    for bad in ([len(labels_)], mask[:-1], [0.5]):
+        with pytest.raises(IndexError):
+            s.test_labels[bad]
 
 
 def test_bn_re_estimation_reads_a_streams_training_transform(jpegs):

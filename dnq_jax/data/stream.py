@@ -87,14 +87,28 @@ class _View:
         return self.shape[0]
 
     def __getitem__(self, idx) -> np.ndarray:
+        """As numpy indexes the first axis: an int, a slice, integer arrays (negative ones
+        from the end) or a boolean mask of every example."""
+        n = self.shape[0]
         if isinstance(idx, slice):
-            idx = np.arange(self.shape[0])[idx]
-        flat = np.asarray(idx, np.int64).reshape(-1)
+            idx = np.arange(n)[idx]
+        idx = np.asarray(idx)
+        if idx.dtype == bool:
+            if idx.shape != (n,):
+                raise IndexError(f"a boolean index of these {n} examples has shape ({n},)")
+            idx = np.flatnonzero(idx)
+        elif idx.size == 0:
+            idx = idx.astype(np.int64)
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise IndexError(f"a stream's examples are indexed by integers, not {idx.dtype}")
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"index out of range for {n} examples")
+        flat = np.where(idx < 0, idx + n, idx).astype(np.int64).reshape(-1)
         if self._labels:
             out = self._stream.labels(self._split, flat)
         else:
             out = self._stream.read(self._split, flat)[0]
-        return out.reshape(*np.shape(idx), *self.shape[1:])
+        return out.reshape(idx.shape + self.shape[1:])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[np.arange(self.shape[0])]
