@@ -164,6 +164,11 @@ def test_requirements_pin_what_pyproject_declares():
         assert str(pin.marker) == str(declared[name].marker), name
 
 
+def test_the_cuda_install_line_names_the_pinned_jax():
+    (pin,) = re.findall(r"^jax==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M)
+    assert f'"jax[cuda12]=={pin}"' in (ROOT / "docs" / "running.md").read_text()
+
+
 def test_config_reference_page_is_the_code_s():
     page = (ROOT / "docs" / "config.md").read_text()
     assert config.reference_table() in page, (
