@@ -211,6 +211,45 @@ def test_cifar10_jpeg_sidecar_digest(tmp_path):
     assert ds.num_train == 4
 
 
+def test_a_folder_of_cifar_jpegs_packs_into_the_file_the_loader_reads(tmp_path, capsys):
+    """dnq_jax.data.pack: ROOT/{train,test}/<class>/*.jpg -> the npz with the files' bytes
+    unchanged, classes in sorted order, and its digest beside it (which the loader checks)."""
+    from dnq_jax.data import pack
+
+    root, images = tmp_path / "CIFAR-10-images", {}
+    for split, n in (("train", 3), ("test", 2)):
+        for c, name in enumerate(("bird", "airplane")):  # sorted: airplane 0, bird 1
+            (root / split / name).mkdir(parents=True)
+            for i, im in enumerate(smooth_images(n, seed=10 * c + len(split))):
+                (root / split / name / f"{i:04d}.jpg").write_bytes(jpeg(im))
+                images[split, name, i] = im
+    out = tmp_path / "packed" / "cifar10_jpeg_q75.npz"
+    assert pack.main([str(root), str(out)]) == 0
+    assert "6 training and 4 test images" in capsys.readouterr().out
+    with np.load(out) as z:
+        first = z["train_jpeg"][z["train_offsets"][0] : z["train_offsets"][1]].tobytes()
+    assert first == (root / "train" / "airplane" / "0000.jpg").read_bytes()
+    assert sha256(out) in out.with_suffix(".sha256").read_text()
+    ds = data.load("cifar10_jpeg", npz_path=str(out), data_dir=str(tmp_path / "cache"))
+    assert ds.train_labels.tolist() == [0, 0, 0, 1, 1, 1] and ds.test_labels.tolist() == [
+        0,
+        0,
+        1,
+        1,
+    ]
+    for row, (name, i) in enumerate(
+        [("airplane", i) for i in range(3)] + [("bird", i) for i in range(3)]
+    ):
+        decoded = np.asarray(Image.open(root / "train" / name / f"{i:04d}.jpg").convert("RGB"))
+        np.testing.assert_array_equal(ds.train_images[row], decoded)
+        assert np.abs(decoded.astype(int) - images["train", name, i]).max() < 16
+    # Anything but a 32x32 RGB JPEG is refused with its path, and nothing is written.
+    Image.fromarray(smooth_images(1, 0, size=28)[0]).save(root / "test" / "bird" / "9.jpg")
+    assert pack.main([str(root), str(tmp_path / "no.npz")]) == 3
+    assert "bird/9.jpg: expected a 32x32 RGB JPEG, got JPEG RGB 28x28" in capsys.readouterr().err
+    assert not (tmp_path / "no.npz").exists()
+
+
 def test_cifar10_jpeg_flipped_byte_refused_without_cache(tmp_path):
     npz, cache = tmp_path / "c.npz", tmp_path / "cache"
     digest, _ = make_npz(npz, n_train=6, n_test=3)

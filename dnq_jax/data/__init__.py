@@ -15,7 +15,7 @@ so a resumed run replays exactly the order it would have seen, on either path.
 Layout: `resident` (the whole-file loaders), `ops` (the device functions), `names` (the
 names and augmentation recipes), `images` (host decode and transforms), `folder` (image
 folders), `records` (TFDS ArrayRecord builds), `stream` (the Grain pipeline), `choose` (the
-path).
+path), `pack` (a folder of CIFAR-10 JPEGs into the `cifar10_jpeg` file).
 """
 
 from dnq_jax.data.choose import device_memory, open_dataset
