@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -216,8 +217,6 @@ def test_a_conv_output_read_twice_inside_a_nested_call_keeps_its_bias_to_itself(
     see conv + 3."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    import jax
-
     from dnq_jax.ptq.export import onnx_model, onnx_session
 
     rng = np.random.default_rng(0)
@@ -230,6 +229,25 @@ def test_a_conv_output_read_twice_inside_a_nested_call_keeps_its_bias_to_itself(
     path.write_bytes(onnx_model(graph).SerializeToString())
     x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
     np.testing.assert_allclose(onnx_session(path)(x), fn(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_that_flattens_first_exports_for_its_images(tmp_path):
+    """The file takes the calibration images' shape, not the first layer's input (here the
+    flattened images)."""
+
+    class Flat(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(5, name="head")(
+                nn.relu(nn.Dense(8, name="fc")(x.reshape(x.shape[0], -1)))
+            )
+
+    images = np.random.default_rng(0).normal(size=(16, 6, 6, 3)).astype(np.float32)
+    model = Flat()
+    qm = ptq.quantize(model, model.init(jax.random.key(0), images[:1]), images, ptq.QuantSpec(4, 4))
+    assert qm.image_shape == (6, 6, 3)
+    result = ptq.export(qm, tmp_path / "flat.stablehlo")
+    np.testing.assert_array_equal(load(result)(images), qm(images))
 
 
 def test_load_reads_an_exported_file_by_its_format_not_its_name(

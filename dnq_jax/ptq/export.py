@@ -166,9 +166,9 @@ def _kernel_lookup(qm: Any, found: dict[str, str]) -> export_onnx.KernelLookup:
 
 def _image_shape(qm: Any, input_shape: Sequence[int] | None) -> tuple[int, ...]:
     if input_shape is None:
-        # The first layer's input, as seen when the model was calibrated: the images for
-        # every model that starts with a conv.
-        return tuple(qm.graph.layers[0].input_shape[1:])
+        # The calibration images' shape; for a model made without it, the first layer's
+        # input as seen then (the images, for every model that starts with a conv).
+        return tuple(qm.image_shape) or tuple(qm.graph.layers[0].input_shape[1:])
     shape = tuple(int(n) for n in input_shape)
     if not shape or min(shape) < 1:
         raise ValueError(f"input_shape must be the image shape without the batch, got {shape}")
@@ -192,7 +192,7 @@ def export(
       format: ``'stablehlo'`` (exact; `jax.export` with a symbolic batch axis) or
         ``'onnx'`` (QDQ model, opset 21, integer weights; needs onnx).
       input_shape: the image shape without the batch axis, e.g. ``(32, 32, 3)``; default:
-        the first layer's input when the model was calibrated.
+        the calibration images' shape.
       normalization: how images must be prepared, e.g. ``{'mean': [...], 'std': [...]}``;
         written to the sidecar only (the file takes normalised images).
       platforms: StableHLO only: the platforms to lower for (``('cpu', 'cuda')``);

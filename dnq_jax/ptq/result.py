@@ -71,6 +71,8 @@ class QuantizedModel:
       apply_kwargs: extra keyword arguments of every ``model.apply`` (eval mode).
       report: how it was made: ``method``, and for the reconstruction methods their
         settings, wall time and each block's loss before and after (JSON-ready).
+      image_shape: one calibration image's shape (no batch axis), the input an export
+        takes; () where unknown.
     """
 
     model: nn.Module
@@ -83,6 +85,7 @@ class QuantizedModel:
     bn_pairs: tuple[fold.Pair, ...] = ()
     apply_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     report: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    image_shape: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         forward = lambda variables, ranges, images: self.apply(variables, images, ranges)
@@ -125,6 +128,7 @@ class Calibrated:
       act_ranges: ``{site: (lo, hi)}`` of each quantized layer input.
       spec: the `QuantSpec` it was calibrated by (its ``w_calibrator`` and
         ``calib_options`` also choose each kernel's per-channel range, for every method).
+      image_shape: one calibration image's shape (no batch axis).
     """
 
     model: nn.Module
@@ -135,6 +139,7 @@ class Calibrated:
     act_ranges: calibration.Ranges
     spec: QuantSpec
     apply_kwargs: Mapping[str, Any]
+    image_shape: tuple[int, ...] = ()
 
     def kernel_bits(self) -> dict[tuple[str, ...], int]:
         """``{kernel path: bits}`` (see `calibration.kernel_bits`)."""
@@ -155,6 +160,7 @@ class Calibrated:
             bn_pairs=self.bn_pairs,
             apply_kwargs=self.apply_kwargs,
             report=report,
+            image_shape=self.image_shape,
         )
 
 

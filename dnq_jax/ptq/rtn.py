@@ -92,6 +92,7 @@ def calibrate_model(
         act_ranges=ranges,
         spec=spec,
         apply_kwargs=apply_kwargs,
+        image_shape=tuple(int(n) for n in calib_images.shape[1:]),
     )
 
 
