@@ -22,11 +22,10 @@ cd "$(dirname "$0")/.."
 source experiments/common.sh
 WORKDIR=${WORKDIR:-workdirs/slack}
 NAME=${NAME:-slack}
-CONFIG="configs/resnet.py:model.name=resnet8,data.name=fashion_mnist,data.limit_train=6000"
-CONFIG+=",optim.batch_size=128,optim.learning_rate=0.1,optim.weight_decay=5e-4"
-CONFIG+=",optim.num_epochs=160,noise.start_epoch=80,noise.ramp_epochs=30,swa.start_epoch=120"
-CONFIG+=",eval.every_epochs=20,eval.batch_size=1000,runtime.ckpt_every_epochs=10"
-CONFIG+=",runtime.progress=False"
+# The table's config (experiments/common.sh) with these keys after it (a later key wins).
+CONFIG="$TABLE_CONFIG,data.limit_train=6000,optim.num_epochs=160,noise.start_epoch=80"
+CONFIG+=",noise.ramp_epochs=30,swa.start_epoch=120,eval.every_epochs=20"
+CONFIG+=",runtime.ckpt_every_epochs=10"
 W2A4="noise.w_bits=2,noise.a_bits=4,bits=w2a4"
 run_grid "$NAME" "$WORKDIR" --config "$CONFIG" --seeds "${SEEDS:-0,1,2}" \
   --ptq "${PTQ:-rtn}" --ptq-iters "${ITERS:-5000}" \
