@@ -209,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     if not any(setting == args.baseline for setting, _ in cells):
         print(f"no '{args.baseline}' cell in {', '.join(paths)}", file=sys.stderr)
         return 2
-    diffs = differences(cells, args.baseline, args.bits)
+    every = differences(cells, args.baseline, args.bits)
+    # Rows measured at other bit-widths only (their FP32 difference alone) are named once.
+    diffs = {k: row for k, row in every.items() if row["RTN"] or row["QDrop"]}
     text = report(
         diffs,
         bits=args.bits,
@@ -219,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         min_seeds=args.min_seeds,
         qdrop_iters=args.qdrop_iters,
     )
+    elsewhere = [k for k in every if k not in diffs]
+    if elsewhere:
+        text += f"\nNo RTN or QDrop result at {args.bits.upper()}: {', '.join(elsewhere)}.\n"
     print(text, end="")
     if args.out:
         Path(args.out).write_text(text)

@@ -54,6 +54,19 @@ def test_paired_means_and_stds_match_numpy_and_the_verdicts_follow_the_bars(tmp_
     assert rows["bad"][5:7] == ["no", "yes"]
     assert rows["bad"][-1] == "misses (provisional, 2 seeds) |"
     assert "| bad | 1 | -1.00 | +26.90 | +3.00 |" in text
+    # A row measured at another bit-width only is named once, in no table.
+    other = tmp_path / "other.json"
+    other.write_text(
+        json.dumps(
+            {
+                "ptq_iters": 5000,
+                "cells": [{"name": "w4_s0", "fp32": 92.0, "ptq": {"rtn": {"w4a4": 90.0}}}],
+            }
+        )
+    )
+    assert bars.main(["--grids", f"{grid},{other}", "--out", str(out)]) == 0
+    assert "| w4 |" not in out.read_text()
+    assert out.read_text().endswith("No RTN or QDrop result at W2A4: w4.\n")
 
 
 def test_the_sweep_points_and_cell_folders_fill_what_the_grids_lack(tmp_path):
