@@ -12,9 +12,13 @@ row's per-seed differences and their mean against the two bars). A row judged on
 count are refused.
 
   python experiments/bars.py --grids experiments/results/qdrop_iters.json,\\
-      experiments/results/authors_path_rtn.json,experiments/results/authors_path.json,\\
-      experiments/results/fair_table.json --out experiments/results/fair_bars.md \\
+      experiments/results/fair_points.json,experiments/results/authors_path_rtn.json,\\
+      experiments/results/authors_path.json,experiments/results/fair_table.json,\\
+      workdirs/dnq_table_fair/cells --out experiments/results/fair_bars.md \\
       --plot experiments/results/fair_bars.png
+
+(`--bits w4a4` / `w2a2` with `--out experiments/results/fair_bars_w4a4.md` ... for the other
+targets.)
 """
 
 from __future__ import annotations
