@@ -9,8 +9,9 @@ loader then checks instead of the digest of the file this project measured with:
 
   python -m dnq_jax.data.pack CIFAR-10-images cifar10_jpeg_q75.npz
 
-Classes are the sorted class folders of ``train/`` (for CIFAR-10: airplane ... truck, the
-official label order), images within a class in sorted file-name order. Every file must be
+The folders are listed as the image-folder stream lists them (`dnq_jax.data.folder.scan`):
+classes are the sorted class folders of ``train/`` (for CIFAR-10: airplane ... truck, the
+official label order); images go class by class, in sorted file-name order. Every file must be
 a 32x32 RGB JPEG; anything else is refused with its path, before anything is written.
 """
 
@@ -25,28 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dnq_jax.data import folder
 from dnq_jax.errors import EXIT_CODES, DataError
 
 SHAPE = (32, 32)
-SPLITS = ("train", "test")
-
-
-def _split_files(root: Path, split: str, classes: list[str]) -> list[tuple[Path, int]]:
-    top = root / split
-    if not top.is_dir():
-        raise DataError(
-            f"{top}: no such folder; expected ROOT/train/<class>/ and ROOT/test/<class>/"
-        )
-    extra = sorted(d.name for d in top.iterdir() if d.is_dir() and d.name not in classes)
-    if extra:
-        raise DataError(f"{top}: class folders {extra} are not among train/'s {classes}")
-    files = []
-    for label, name in enumerate(classes):
-        found = sorted(p for p in (top / name).glob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
-        if not found:
-            raise DataError(f"{top / name}: no .jpg files")
-        files += [(p, label) for p in found]
-    return files
 
 
 def _checked(path: Path) -> bytes:
@@ -66,20 +49,23 @@ def pack(root: str | Path, out: str | Path) -> tuple[Path, str, dict[str, int]]:
     """Writes `out` (the ``.npz``) and its ``.sha256`` from the JPEG folder `root`; returns
     (out, its sha256, {split: number of images})."""
     root, out = Path(root), Path(out)
-    if not (root / "train").is_dir():
-        raise DataError(f"{root}/train: no such folder; expected ROOT/train/<class>/*.jpg")
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    if not 1 <= len(classes) <= 256:
-        raise DataError(f"{root}/train: {len(classes)} class folders; expected 1 to 256")
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise DataError(f"{root}: expected ROOT/train/<class>/*.jpg and ROOT/test/<class>/*.jpg")
+    other = [d for d in ("val", "validation") if (root / d).is_dir()]
+    if other:  # the listing would take it for the test split
+        raise DataError(f"{root}: holds {other[0]}/ beside test/; pack reads train/ and test/ only")
+    classes, splits = folder.scan(str(root), val_split=0.0)  # the stream's own listing
+    if len(classes) > 256:
+        raise DataError(f"{root}/train: {len(classes)} class folders; uint8 labels hold 256")
     arrays, counts = {}, {}
-    for split in SPLITS:
-        files = _split_files(root, split, classes)
-        blobs = [np.frombuffer(_checked(p), np.uint8) for p, _ in files]
+    for split, files in splits.items():
+        order = np.lexsort((files.paths, files.labels))  # by class, then by file name
+        blobs = [np.frombuffer(_checked(Path(files.where(i))), np.uint8) for i in order]
         sizes = np.array([0] + [b.size for b in blobs], np.int64)
         arrays[f"{split}_jpeg"] = np.concatenate(blobs)
         arrays[f"{split}_offsets"] = np.cumsum(sizes)
-        arrays[f"{split}_labels"] = np.array([label for _, label in files], np.uint8)
-        counts[split] = len(files)
+        arrays[f"{split}_labels"] = files.labels[order].astype(np.uint8)
+        counts[split] = len(order)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     raw = buf.getvalue()
