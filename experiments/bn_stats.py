@@ -17,7 +17,8 @@ after: it is measured once. Each cell is paired with the SGD cell of its seed.
 grid that measured the cell (`--recorded GRID.json ...`, the grids' own JSON with the same
 `ptq_iters`): a recorded cell is taken where its FP32 equals the one measured here (the same
 model), and measured otherwise; each row says where its value came from. The now column
-is always today's code: measured, except where saved was just measured on unchanged weights.
+is always today's code: measured, except where saved was just measured on the same
+variables (statistics not re-estimated, or re-estimated to the saved ones bit for bit).
 
   python experiments/bn_stats.py --workdir workdirs/dnq_table_fair --bits w2a4 \
       --cells sgd_s0,sgd_s1,dnq_w2a4_s0,dnq_w2a4_s1 --qdrop-iters 5000 \
@@ -33,6 +34,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -64,6 +66,14 @@ def recorded_qdrop(paths: list[str], iters: int) -> dict[str, dict]:
                 q = c["ptq"]["qdrop"]
                 out[c["name"]] = {"fp32": c["fp32"], "qdrop": q, "from": Path(path).name}
     return out
+
+
+def same_variables(a, b) -> bool:
+    """Whether two variable trees hold the same arrays, bit for bit."""
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(
+        x is y or (np.shape(x) == np.shape(y) and np.array_equal(x, y)) for x, y in zip(la, lb)
+    )
 
 
 def measure(
@@ -98,8 +108,9 @@ def measure(
             row["qdrop_saved"], row["qdrop_saved_from"] = rec["qdrop"][name], rec["from"]
         else:
             row["qdrop_saved"], row["qdrop_saved_from"] = qdrop(saved), "measured"
-        # "Now" is measured by today's code unless "saved" just was (same code, same weights).
-        fresh = row["qdrop_saved_from"] == "measured" and not row["re_estimated"]
+        # "Now" is measured by today's code unless "saved" just was on the same variables
+        # (not re-estimated, or re-estimated to the saved statistics bit for bit).
+        fresh = row["qdrop_saved_from"] == "measured" and same_variables(now, saved)
         row["qdrop_now"] = row["qdrop_saved"] if fresh else qdrop(now)
     return row, ds
 

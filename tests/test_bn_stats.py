@@ -92,11 +92,33 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
         assert says in capsys.readouterr().err
 
 
-def test_qdrop_columns_take_a_recorded_value_only_for_the_same_model(smoke_run, tmp_path):
+def test_same_variables_is_bit_for_bit():
+    a = {"params": {"w": np.arange(4.0)}, "batch_stats": {"m": np.zeros(2)}}
+    assert bn_stats.same_variables(a, jax.tree.map(np.copy, a))
+    b = jax.tree.map(np.copy, a)
+    b["batch_stats"]["m"][1] = np.nextafter(0.0, 1.0)
+    assert not bn_stats.same_variables(a, b)
+    assert not bn_stats.same_variables(a, {"params": a["params"]})
+    assert not bn_stats.same_variables(a, {**a, "params": {"w": np.arange(3.0)}})
+
+
+def test_qdrop_columns_take_a_recorded_value_only_for_the_same_model(
+    smoke_run, tmp_path, monkeypatch
+):
     """Two copies of the smoke run: the grid JSON records one with its own FP32 (its saved
     QDrop is taken from there) and the other with another FP32 (another model: measured).
     The smoke run's statistics re-estimate to the saved ones, so every measured column
-    agrees."""
+    agrees, and the second copy's "now" is its "saved" without a second reconstruction."""
+    from dnq_jax.train import evaluate
+
+    runs = []
+    measured = evaluate.evaluate_variables
+
+    def counted(model, variables, ds, settings, **kw):
+        runs.append(settings.method)
+        return measured(model, variables, ds, settings, **kw)
+
+    monkeypatch.setattr(bn_stats.evaluate, "evaluate_variables", counted)
     smoke_wd, results = smoke_run
     for name in ("dnq_s0", "dnq_s1"):
         shutil.copytree(
@@ -129,6 +151,7 @@ def test_qdrop_columns_take_a_recorded_value_only_for_the_same_model(smoke_run, 
     assert b["qdrop_saved_from"] == "measured" and b["qdrop_saved"] != 56.78
     assert not a["re_estimated"] and b["re_estimated"]
     assert a["qdrop_now"] == b["qdrop_now"] == b["qdrop_saved"]
+    assert runs.count("qdrop") == 2  # dnq_s0 now, dnq_s1 saved
     md = out.read_text()
     assert "QDrop W4A4 saved | QDrop W4A4 now |" in md
     assert "QDrop saved, where from: dnq_s0 grid.json, dnq_s1 measured" in md
