@@ -7,8 +7,10 @@
 #
 #   bash experiments/cifar10_table.sh                  (one grid per model in MODELS)
 #   MODELS=resnet20 SEEDS=0 bash experiments/cifar10_table.sh
-#   MODELS=resnet20 SEEDS=0 ROWS="sgd dnq_w2a4 authors_w2a4" bash experiments/cifar10_table.sh
-#                                      (the first slice: SGD, DNQ and the authors' recipe at W2A4)
+#   MODELS=resnet20 SEEDS=0 ROWS="sgd dnq_w2a4 authors_w2a4" RECON_BITS=w2a4 \
+#     bash experiments/cifar10_table.sh
+#                                      (the first slice: SGD, DNQ and the authors' recipe at
+#                                      W2A4, QDrop at W2A4 only: three reconstructions)
 #   MODELS=resnet20 SEEDS=0 ROWS="sgd dnq_w2a4 lam08_w2a4" RECON_BITS=w2a4 \
 #     bash experiments/cifar10_table.sh
 #                                      (SGD, DNQ as is and `method=lam08`, W2A4: the bigger
@@ -34,13 +36,18 @@
 # configs/resnet.py). With the shared warm-ups each DNQ cell trains only the noise stage,
 # from the SGD cell's state at the noise start (the same run up to there; SWA starts later).
 #
-# Not timed on a GPU yet. Projection from benchmarks/RESULTS.md (a scanned ResNet-20 epoch of
-# 781 steps at batch 64: 1.69 s plain on an H200, DNQ about 1.2x): PRESET=fast trains SGD's 40
-# epochs, then 20 for each dnq/naive/lam08 cell (from SGD's warm-up) and 40 + 20 + 20 for the
-# three authors cells (their schedule differs from the start): 220 epochs for the nine
-# ResNet-20 rows of a seed (~7 minutes of training plus compiles and PTQ), 80 for the W2A4
-# slice (sgd, dnq_w2a4, lam08_w2a4); PRESET=paper ten times that. MobileNetV2 is several times
-# slower per epoch.
+# Not timed on a GPU yet; a projection, to be replaced by the first GPU run's "done (N s)"
+# lines. PRESET=fast trains SGD's 40 epochs, then 20 for each dnq/naive/lam08 cell (from
+# SGD's warm-up) and 40 + 20 + 20 for the three authors cells (their schedule differs from the
+# start): 220 epochs for the nine ResNet-20 rows of a seed. The first slice trains 100 (SGD 40,
+# dnq_w2a4 20, authors_w2a4 40). Assuming a 781-step epoch at batch 64 takes about 2 s on one
+# H100 (an assumption: the one GPU step measured, benchmarks/RESULTS.md, is 3.64 ms at batch
+# 512 bf16 on an H200; at batch 64 a step is bound by its launches, not its arithmetic) and
+# DNQ 1.2x that, the slice trains in about 4 minutes plus its compiles (about a minute), and
+# its three QDrop reconstructions at 5,000 iterations per block must take under about 4
+# minutes together for the slice to fit 9: benchmarks/ptq_speed.py, run by
+# benchmarks/gpu_checks.sh, prints the per-block time to check that first. PRESET=paper is
+# ten times the training. MobileNetV2 is several times slower per epoch.
 #
 # The grids resume like every grid (run the same command again), and unfinished cells are
 # parked for another machine with `python experiments/park.py save WORKDIR NAME` (NAME is

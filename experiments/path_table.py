@@ -95,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise", default="", help="experiments/noise_size.py --json output")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bits", default="w2a4")
-    p.add_argument("--qdrop-iters", type=int, default=2000)
+    p.add_argument(
+        "--qdrop-iters",
+        type=int,
+        default=5000,
+        help="the count of the QDrop columns (the fair one)",
+    )
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     cells = _cells([s for s in a.grids.split(",") if s])
