@@ -116,6 +116,22 @@ def test_w_scale_scales_only_the_weight_perturbation():
     assert loss(1.0, 0.5) != pytest.approx(loss(1.0, 0.5, noise_on=False), rel=1e-4)
 
 
+def test_noise_dist_reaches_the_step_from_the_config():
+    """noise.dist=uniform is carried from the config into the step and changes the weight
+    perturbation the forward pass sees (the samples' law itself: test_authors_recipe.py)."""
+    c = resnet.get_config("smoke,noise.dist=uniform")
+    assert StepSettings.from_config(c, "fashion_mnist").dist == "uniform"
+    assert StepSettings.from_config(resnet.get_config("smoke"), "fashion_mnist").dist == "gaussian"
+
+    def loss(dist, noise_on=True):
+        run, state = _linear_step(StepSettings(weight_noise="differential", dist=dist), 0.3, 1)
+        return float(run(state, 0.5, noise_on)[1]["loss"])
+
+    clean = loss("gaussian", noise_on=False)
+    assert loss("uniform", noise_on=False) == clean
+    assert len({clean, loss("gaussian"), loss("uniform")}) == 3
+
+
 def test_profiler_images_follow_noise_n_calib_and_default_to_the_evaluations():
     ds = builders.load_dataset(_config())
     default = builders.profiler_images(_config(), ds)
