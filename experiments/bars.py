@@ -1,15 +1,16 @@
 """The study's two bars, seed by seed: does a row keep FP32 within 0.5 of SGD's and gain at
 least +1.0 over SGD under QDrop, at one bit-width, over the seeds both have finished?
 
-Reads grid results (`grid.json`, experiments/results/NAME.json; later files fill what earlier
-ones lack) whose cells are named SETTING_sSEED, the points of experiments/qdrop_iters.py at
-the same count, and a grid's cells/ folder (each cell's ptq_<method>.json); pairs each row's
+Reads grid results (`grid.json`, experiments/results/NAME.json) whose cells are named
+SETTING_sSEED, the points of experiments/qdrop_iters.py at the same count, and a grid's
+cells/ folder (each cell's ptq_<method>.json); pairs each row's
 cell with the baseline's of the same seed, and prints per row the mean and sample std of the
 paired differences (FP32, RTN and QDrop against the baseline), whether each bar is met on the
 mean, and the per-seed differences; `--out` writes the markdown, `--plot` a figure (each
 row's per-seed differences and their mean against the two bars). A row judged on fewer than
 `--min-seeds` seeds is marked provisional. QDrop results of grids run at another iteration
-count are refused.
+count are refused. Where two files hold the same measurement of a cell, the later file's
+value is taken.
 
   python experiments/bars.py --grids experiments/results/qdrop_iters.json,\\
       experiments/results/fair_points.json,experiments/results/authors_path_rtn.json,\\
