@@ -24,11 +24,20 @@ variables (statistics not re-estimated, or re-estimated to the saved ones bit fo
       --cells sgd_s0,sgd_s1,dnq_w2a4_s0,dnq_w2a4_s1 --qdrop-iters 5000 \
       --recorded experiments/results/fair_table.json experiments/results/authors_path.json \
       --out experiments/results/bn_stats_qdrop.md --json experiments/results/bn_stats_qdrop.json
+
+`--unaugmented` re-estimates every cell's statistics, SGD's included, over the unaugmented
+training images instead (the trainer's way before the CIFAR-10 fix): how far a model's
+numbers move with the estimate alone, whichever way the trainer saved it.
+
+  python experiments/bn_stats.py --workdir workdirs/dnq_table_fair --bits w4a4 --unaugmented \
+      --out experiments/results/bn_stats_w4a4.md --json experiments/results/bn_stats_w4a4.json
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -77,10 +86,16 @@ def same_variables(a, b) -> bool:
 
 
 def measure(
-    cell: Path, bits: str, ds=None, qdrop_iters: int = 0, recorded: dict | None = None
+    cell: Path,
+    bits: str,
+    ds=None,
+    qdrop_iters: int = 0,
+    recorded: dict | None = None,
+    unaugmented: bool = False,
 ) -> tuple[dict, object]:
     """(row, dataset) of one finished cell; `ds`: its data set, if loaded already; with
-    `qdrop_iters`, QDrop's columns too (`recorded`: `recorded_qdrop`'s saved values)."""
+    `qdrop_iters`, QDrop's columns too (`recorded`: `recorded_qdrop`'s saved values);
+    `unaugmented`: "now" is every cell re-estimated over the unaugmented training images."""
     c, model, saved, ds = evaluate.load_run(str(cell), ds)
     settings = evaluate.EvalSettings.from_config(
         c, bits=tuple(config_lib.parse_bits(bits)), method="rtn", iters=0
@@ -95,10 +110,15 @@ def measure(
     row = {"cell": cell.name, "method": config_lib.method_name(c), "seed": int(c.seed)}
     row.update(fp32_saved=fp32, rtn_saved=rtn, fp32_now=fp32, rtn_now=rtn, bits=name)
     n_swa = json.loads((cell / "results.json").read_text()).get("swa_snapshots", 0)
-    row["re_estimated"] = loop.reestimates(c, n_swa, saved)
+    row["re_estimated"] = unaugmented or loop.reestimates(c, n_swa, saved)
     now = saved
     if row["re_estimated"]:
-        now = loop.reestimate_batch_stats(model, saved, ds, c, jax.random.key(c.seed))
+        est = c
+        if unaugmented:
+            est = copy.deepcopy(c)
+            with est.unlocked():
+                est.data.augment = "none"
+        now = loop.reestimate_batch_stats(model, saved, ds, est, jax.random.key(c.seed))
         row["fp32_now"], row["rtn_now"] = top1(now)
     if qdrop_iters:
         qs = dataclasses.replace(settings, method="qdrop", iters=qdrop_iters)
@@ -120,7 +140,18 @@ def columns(rows: list[dict]) -> tuple[str, ...]:
     return COLUMNS + (QDROP_COLUMNS if rows and "qdrop_saved" in rows[0] else ())
 
 
-def to_markdown(rows: list[dict], pairs: list[dict], command: str) -> str:
+NOW_AUGMENTED = (
+    "Now: over batches augmented as in training (dnq_jax.train.loop.reestimate_batch_stats)."
+)
+NOW_UNAUGMENTED = (
+    "Now (`--unaugmented`): every cell, SGD's included, re-estimated over the unaugmented "
+    "training images (dnq_jax.train.loop.reestimate_batch_stats with data.augment=none)."
+)
+
+
+def to_markdown(
+    rows: list[dict], pairs: list[dict], command: str, unaugmented: bool = False
+) -> str:
     bits = rows[0]["bits"].upper() if rows else ""
     cols = columns(rows)
     with_qdrop = cols != COLUMNS
@@ -135,8 +166,9 @@ def to_markdown(rows: list[dict], pairs: list[dict], command: str) -> str:
         "",
         "Saved: the statistics as the trainer that ran the cell left them (before SWA's "
         "re-estimation saw augmented batches: over the unaugmented training images; without "
-        "SWA: the running statistics). Now: over batches augmented as in training "
-        "(dnq_jax.train.loop.reestimate_batch_stats). Test top-1 (%), full split.",
+        "SWA: the running statistics). "
+        + (NOW_UNAUGMENTED if unaugmented else NOW_AUGMENTED)
+        + " Test top-1 (%), full split.",
         "",
         "| cell | method | re-estimated " + head,
         "|---|---|---" + rule,
@@ -174,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="grid JSONs holding the cells' QDrop results (a later file wins)",
     )
+    p.add_argument(
+        "--unaugmented",
+        action="store_true",
+        help="now: every cell re-estimated over the unaugmented training images",
+    )
     a = p.parse_args(argv)
     try:
         if len(config_lib.parse_bits(a.bits)) != 1:
@@ -198,13 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure_cells(
         root,
         names,
-        lambda cell, ds: measure(cell, a.bits, ds, a.qdrop_iters, recorded),
+        lambda cell, ds: measure(cell, a.bits, ds, a.qdrop_iters, recorded, a.unaugmented),
         lambda r: (
             f"{r['cell']:<16} {r['method']:<10} {r['fp32_saved']:>10.2f} "
             f"{r['fp32_now']:>7.2f} {r['rtn_saved']:>10.2f} {r['rtn_now']:>7.2f}" + q_line(r)
         ),
     )
-    write(a, "bn_stats.py", argv, rows, paired(rows, columns(rows)), to_markdown)
+    render = functools.partial(to_markdown, unaugmented=a.unaugmented)
+    write(a, "bn_stats.py", argv, rows, paired(rows, columns(rows)), render)
     return 0
 
 

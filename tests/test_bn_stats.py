@@ -42,6 +42,46 @@ def test_the_smoke_runs_saved_statistics_are_the_ones_re_estimated_now(smoke_run
     assert "| dnq_s0 | dnq | True |" in out.read_text()
 
 
+def test_unaugmented_re_estimates_every_cell_sgds_too_over_unaugmented_images(
+    smoke_run, tmp_path, monkeypatch
+):
+    """--unaugmented: every cell, one without SWA too, re-estimated with data.augment=none
+    (the run's own config left as it was); the markdown says which estimate "now" is."""
+    smoke_wd, _ = smoke_run
+    for name in ("sgd_s0", "dnq_s0"):
+        shutil.copytree(
+            smoke_wd,
+            tmp_path / "cells" / name,
+            ignore=shutil.ignore_patterns("checkpoints", "noise_start"),
+        )
+    # sgd_s0 as a run the trainer leaves with its running statistics (no SWA, key off).
+    res = tmp_path / "cells" / "sgd_s0" / "results.json"
+    res.write_text(json.dumps({**json.loads(res.read_text()), "swa_snapshots": 0}))
+    cfg = tmp_path / "cells" / "sgd_s0" / "config.json"
+    saved_config = json.loads(cfg.read_text())
+    saved_config["swa"]["bn_recalibration"] = False
+    cfg.write_text(json.dumps(saved_config))
+    seen = []
+
+    def reestimate(model, variables, ds, c, key):
+        seen.append(c.data.augment)
+        return variables
+
+    fake = lambda model, variables, ds, settings, **kw: {"fp32": 50.0, "w4a4": 40.0}
+    monkeypatch.setattr(bn_stats.loop, "reestimate_batch_stats", reestimate)
+    monkeypatch.setattr(bn_stats.evaluate, "evaluate_variables", fake)
+    out, js = tmp_path / "bn.md", tmp_path / "bn.json"
+    argv = ["--workdir", str(tmp_path), "--bits", "w4a4", "--unaugmented"]
+    assert bn_stats.main(argv + ["--out", str(out), "--json", str(js)]) == 0
+    assert seen == ["none", "none"]
+    assert [r["re_estimated"] for r in json.loads(js.read_text())["cells"]] == [True, True]
+    assert "re-estimated over the unaugmented" in out.read_text()
+    seen.clear()
+    assert bn_stats.main(argv[:-1] + ["--out", str(out)]) == 0
+    assert seen == ["auto"]  # without it: the SWA cell only, with the run's own augmentation
+    assert "augmented as in training" in out.read_text()
+
+
 def _row(cell, seed, fp32, fp32_now, rtn, rtn_now):
     return {
         "cell": cell,
