@@ -58,7 +58,7 @@ def load(paths: list[str], qdrop_iters: int) -> dict[tuple[str, int], dict]:
                 m = CELL.match(point["cell"])
                 if m and point["iters"] == qdrop_iters:
                     rec = cells.setdefault((m["setting"], int(m["seed"])), {"fp32": None})
-                    rec["fp32"] = rec["fp32"] if rec["fp32"] is not None else point["fp32"]
+                    rec["fp32"] = point["fp32"]
                     rec.setdefault(doc["method"], {})[point["bits"]] = point["top1"]
             continue
         methods = doc.get("ptq") or ""

@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from train_fit import cell_parser, finished, measure_cells, paired, plus_minus, write  # noqa: E402
 
+from dnq_jax import data  # noqa: E402
 from dnq_jax.errors import ConfigError  # noqa: E402
 from dnq_jax.train import config as config_lib  # noqa: E402
 from dnq_jax.train import evaluate, loop  # noqa: E402
@@ -79,8 +80,10 @@ def recorded_qdrop(paths: list[str], iters: int) -> dict[str, dict]:
 
 def same_variables(a, b) -> bool:
     """Whether two variable trees hold the same arrays, bit for bit."""
+    if jax.tree.structure(a) != jax.tree.structure(b):
+        return False
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(
+    return all(
         x is y or (np.shape(x) == np.shape(y) and np.array_equal(x, y)) for x, y in zip(la, lb)
     )
 
@@ -110,7 +113,14 @@ def measure(
     row = {"cell": cell.name, "method": config_lib.method_name(c), "seed": int(c.seed)}
     row.update(fp32_saved=fp32, rtn_saved=rtn, fp32_now=fp32, rtn_now=rtn, bits=name)
     n_swa = json.loads((cell / "results.json").read_text()).get("swa_snapshots", 0)
-    row["re_estimated"] = unaugmented or loop.reestimates(c, n_swa, saved)
+    if unaugmented and isinstance(ds, data.Stream):
+        raise ConfigError(
+            f"{cell.name}: --unaugmented re-estimates over in-memory images; a streamed data "
+            "set's workers apply their own training transform"
+        )
+    row["re_estimated"] = (unaugmented and "batch_stats" in saved) or loop.reestimates(
+        c, n_swa, saved
+    )
     now = saved
     if row["re_estimated"]:
         est = c
@@ -164,9 +174,9 @@ def to_markdown(
         "",
         f"command: `{command}`",
         "",
-        "Saved: the statistics as the trainer that ran the cell left them (before SWA's "
-        "re-estimation saw augmented batches: over the unaugmented training images; without "
-        "SWA: the running statistics). "
+        "Saved: the statistics as the trainer that ran the cell left them (SWA's re-estimation "
+        "over the unaugmented training images for runs made before it read augmented batches, "
+        "over augmented batches for runs made after; without SWA: the running statistics). "
         + (NOW_UNAUGMENTED if unaugmented else NOW_AUGMENTED)
         + " Test top-1 (%), full split.",
         "",
@@ -232,15 +242,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{'now':>7}{q_head}"
     )
     q_line = lambda r: f" {r['qdrop_saved']:>11.2f} {r['qdrop_now']:>7.2f}" if a.qdrop_iters else ""
-    rows = measure_cells(
-        root,
-        names,
-        lambda cell, ds: measure(cell, a.bits, ds, a.qdrop_iters, recorded, a.unaugmented),
-        lambda r: (
-            f"{r['cell']:<16} {r['method']:<10} {r['fp32_saved']:>10.2f} "
-            f"{r['fp32_now']:>7.2f} {r['rtn_saved']:>10.2f} {r['rtn_now']:>7.2f}" + q_line(r)
-        ),
-    )
+    try:
+        rows = measure_cells(
+            root,
+            names,
+            lambda cell, ds: measure(cell, a.bits, ds, a.qdrop_iters, recorded, a.unaugmented),
+            lambda r: (
+                f"{r['cell']:<16} {r['method']:<10} {r['fp32_saved']:>10.2f} "
+                f"{r['fp32_now']:>7.2f} {r['rtn_saved']:>10.2f} {r['rtn_now']:>7.2f}" + q_line(r)
+            ),
+        )
+    except ConfigError as e:
+        p.error(str(e))
     render = functools.partial(to_markdown, unaugmented=a.unaugmented)
     write(a, "bn_stats.py", argv, rows, paired(rows, columns(rows)), render)
     return 0

@@ -5,7 +5,8 @@ Reads the grid results of experiments/authors_path.sh (the training-only pass an
 exists, the QDrop pass), the SGD reference cell of experiments/fair_eval.sh and the output of
 experiments/noise_size.py; prints a markdown table and writes it with `--out`.
 
-  python experiments/path_table.py --grids experiments/results/authors_path_rtn.json \\
+  python experiments/path_table.py \\
+      --grids experiments/results/authors_path_rtn.json,experiments/results/authors_path.json \\
       --noise experiments/results/authors_path_noise.json \\
       --out experiments/results/authors_path_table.md
 """
@@ -31,14 +32,13 @@ ROWS = {
 
 
 def _cells(paths: list[str]) -> dict[str, dict]:
-    """Cell name -> the grid's record (later files fill what earlier ones lack)."""
+    """Cell name -> the grid's record (a later file's value of a measurement wins)."""
     out: dict[str, dict] = {}
     for p in paths:
         for cell in json.loads(Path(p).read_text())["cells"]:
             rec = out.setdefault(cell["name"], {"fp32": cell.get("fp32"), "ptq": {}})
             for method, accs in (cell.get("ptq") or {}).items():
                 rec["ptq"].setdefault(method, {}).update(accs)
-            rec["iters"] = rec.get("iters") or _iters(p)
     return out
 
 
@@ -99,11 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         "--qdrop-iters",
         type=int,
         default=5000,
-        help="the count of the QDrop columns (the fair one)",
+        help="the QDrop count: SGD's point at it; a grid whose QDrop ran at another is refused",
     )
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
-    cells = _cells([s for s in a.grids.split(",") if s])
+    grids = [s for s in a.grids.split(",") if s]
+    for g in grids:
+        if _iters(g) not in (None, a.qdrop_iters):
+            p.error(f"{g}: QDrop at {_iters(g)} iterations per block, not {a.qdrop_iters}")
+    cells = _cells(grids)
     noise = {}
     if a.noise and Path(a.noise).exists():
         noise = {r["cell"]: r for r in json.loads(Path(a.noise).read_text())}

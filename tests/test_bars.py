@@ -92,10 +92,10 @@ def test_the_sweep_points_and_cell_folders_fill_what_the_grids_lack(tmp_path):
     assert cells[("sgd", 0)] == {"fp32": 93.2, "qdrop": {"w2a4": 91.67}, "rtn": {"w2a4": 37.76}}
     # A later sweep's point of the same cell and bits (a re-measurement) replaces it.
     again = tmp_path / "again.json"
-    point = {"cell": "sgd_s0", "bits": "w2a4", "iters": 5000, "fp32": 93.2, "top1": 90.57}
+    point = {"cell": "sgd_s0", "bits": "w2a4", "iters": 5000, "fp32": 93.25, "top1": 90.57}
     again.write_text(json.dumps({"method": "qdrop", "points": [point]}))
     later = bars.load([str(sweep), str(tmp_path / "cells"), grid, str(again)], 5000)
-    assert later[("sgd", 0)]["qdrop"] == {"w2a4": 90.57}
+    assert later[("sgd", 0)]["qdrop"] == {"w2a4": 90.57} and later[("sgd", 0)]["fp32"] == 93.25
     diffs = bars.differences(cells, "sgd", "w2a4")
     want = {"FP32": {0: -1.46}, "RTN": {0: 43.43}, "QDrop": {0: -0.67}}
     assert {k: v[0] for k, v in diffs["dnq"].items()} == pytest.approx(

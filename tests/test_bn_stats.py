@@ -61,11 +61,20 @@ def test_unaugmented_re_estimates_every_cell_sgds_too_over_unaugmented_images(
     saved_config = json.loads(cfg.read_text())
     saved_config["swa"]["bn_recalibration"] = False
     cfg.write_text(json.dumps(saved_config))
-    seen = []
+    seen, loaded = [], []
+    load_run = bn_stats.evaluate.load_run
+
+    def load(*args):
+        out = load_run(*args)
+        loaded.append(out[0])
+        return out
 
     def reestimate(model, variables, ds, c, key):
         seen.append(c.data.augment)
+        assert loaded[-1].data.augment == "auto"  # the run's own config is left as it was
         return variables
+
+    monkeypatch.setattr(bn_stats.evaluate, "load_run", load)
 
     fake = lambda model, variables, ds, settings, **kw: {"fp32": 50.0, "w4a4": 40.0}
     monkeypatch.setattr(bn_stats.loop, "reestimate_batch_stats", reestimate)
@@ -191,7 +200,9 @@ def test_qdrop_columns_take_a_recorded_value_only_for_the_same_model(
     assert b["qdrop_saved_from"] == "measured" and b["qdrop_saved"] != 56.78
     assert not a["re_estimated"] and b["re_estimated"]
     assert a["qdrop_now"] == b["qdrop_now"] == b["qdrop_saved"]
-    assert runs.count("qdrop") == 2  # dnq_s0 now, dnq_s1 saved
+    # dnq_s0 now, dnq_s1 saved: dnq_s1's re-estimated statistics are its saved ones bit for
+    # bit on this backend (the first test checks them to rounding), so "now" is not re-run.
+    assert runs.count("qdrop") == 2
     md = out.read_text()
     assert "QDrop W4A4 saved | QDrop W4A4 now |" in md
     assert "QDrop saved, where from: dnq_s0 grid.json, dnq_s1 measured" in md
