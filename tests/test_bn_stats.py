@@ -42,25 +42,30 @@ def test_the_smoke_runs_saved_statistics_are_the_ones_re_estimated_now(smoke_run
     assert "| dnq_s0 | dnq | True |" in out.read_text()
 
 
+def _smoke_cells(smoke_wd, root, names, unaveraged):
+    """Copies of the smoke run as cells `names` of a grid workdir at `root`; `unaveraged` as a
+    run the trainer leaves with its running statistics (no SWA snapshots, re-estimation off)."""
+    for name in names:
+        shutil.copytree(
+            smoke_wd,
+            root / "cells" / name,
+            ignore=shutil.ignore_patterns("checkpoints", "noise_start"),
+        )
+    res = root / "cells" / unaveraged / "results.json"
+    res.write_text(json.dumps({**json.loads(res.read_text()), "swa_snapshots": 0}))
+    cfg = root / "cells" / unaveraged / "config.json"
+    saved_config = json.loads(cfg.read_text())
+    saved_config["swa"]["bn_recalibration"] = False
+    cfg.write_text(json.dumps(saved_config))
+
+
 def test_unaugmented_re_estimates_every_cell_sgds_too_over_unaugmented_images(
     smoke_run, tmp_path, monkeypatch
 ):
     """--unaugmented: every cell, one without SWA too, re-estimated with data.augment=none
     (the run's own config left as it was); the markdown says which estimate "now" is."""
-    smoke_wd, _ = smoke_run
-    for name in ("sgd_s0", "dnq_s0"):
-        shutil.copytree(
-            smoke_wd,
-            tmp_path / "cells" / name,
-            ignore=shutil.ignore_patterns("checkpoints", "noise_start"),
-        )
     # sgd_s0 as a run the trainer leaves with its running statistics (no SWA, key off).
-    res = tmp_path / "cells" / "sgd_s0" / "results.json"
-    res.write_text(json.dumps({**json.loads(res.read_text()), "swa_snapshots": 0}))
-    cfg = tmp_path / "cells" / "sgd_s0" / "config.json"
-    saved_config = json.loads(cfg.read_text())
-    saved_config["swa"]["bn_recalibration"] = False
-    cfg.write_text(json.dumps(saved_config))
+    _smoke_cells(smoke_run[0], tmp_path, ("sgd_s0", "dnq_s0"), unaveraged="sgd_s0")
     seen, loaded = [], []
     load_run = bn_stats.evaluate.load_run
 
@@ -169,20 +174,9 @@ def test_qdrop_columns_take_a_recorded_value_only_for_the_same_model(
 
     monkeypatch.setattr(bn_stats.evaluate, "evaluate_variables", counted)
     smoke_wd, results = smoke_run
-    for name in ("dnq_s0", "dnq_s1"):
-        shutil.copytree(
-            smoke_wd,
-            tmp_path / "cells" / name,
-            ignore=shutil.ignore_patterns("checkpoints", "noise_start"),
-        )
     # dnq_s0 as if it had neither SWA nor the re-estimation: not re-estimated, yet its
     # recorded value is not carried into "now", which today's code measures.
-    res = tmp_path / "cells" / "dnq_s0" / "results.json"
-    res.write_text(json.dumps({**json.loads(res.read_text()), "swa_snapshots": 0}))
-    cfg = tmp_path / "cells" / "dnq_s0" / "config.json"
-    saved_config = json.loads(cfg.read_text())
-    saved_config["swa"]["bn_recalibration"] = False
-    cfg.write_text(json.dumps(saved_config))
+    _smoke_cells(smoke_wd, tmp_path, ("dnq_s0", "dnq_s1"), unaveraged="dnq_s0")
     grid = {
         "ptq_iters": 2,
         "cells": [
