@@ -80,12 +80,8 @@ def recorded_qdrop(paths: list[str], iters: int) -> dict[str, dict]:
 
 def same_variables(a, b) -> bool:
     """Whether two variable trees hold the same arrays, bit for bit."""
-    if jax.tree.structure(a) != jax.tree.structure(b):
-        return False
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return all(
-        x is y or (np.shape(x) == np.shape(y) and np.array_equal(x, y)) for x, y in zip(la, lb)
-    )
+    same = jax.tree.structure(a) == jax.tree.structure(b)
+    return same and all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
 
 
 def measure(

@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     grids = [s for s in a.grids.split(",") if s]
-    for g in grids:
-        if _iters(g) not in (None, a.qdrop_iters):
-            p.error(f"{g}: QDrop at {_iters(g)} iterations per block, not {a.qdrop_iters}")
+    for g, n in zip(grids, map(_iters, grids)):
+        if n not in (None, a.qdrop_iters):
+            p.error(f"{g}: QDrop at {n} iterations per block, not {a.qdrop_iters}")
     cells = _cells(grids)
     noise = {}
     if a.noise and Path(a.noise).exists():
