@@ -5,7 +5,8 @@ Reads grid results (`grid.json`, experiments/results/NAME.json) whose cells are 
 SETTING_sSEED, the points of experiments/qdrop_iters.py at the same count, and a grid's
 cells/ folder (each cell's ptq_<method>.json); pairs each row's
 cell with the baseline's of the same seed, and prints per row the mean and sample std of the
-paired differences (FP32, RTN and QDrop against the baseline), whether each bar is met on the
+paired differences (FP32, RTN and QDrop against the baseline, over the seeds where both have
+FP32 and QDrop; RTN over its own where none has QDrop), whether each bar is met on the
 mean, and the per-seed differences; `--out` writes the markdown, `--plot` a figure (each
 row's per-seed differences and their mean against the two bars). A row judged on fewer than
 `--min-seeds` seeds is marked provisional. QDrop results of grids run at another iteration
@@ -56,7 +57,8 @@ def load(paths: list[str], qdrop_iters: int) -> dict[tuple[str, int], dict]:
         if "points" in doc:  # experiments/qdrop_iters.py: its points at this count
             for point in doc["points"]:
                 m = CELL.match(point["cell"])
-                if m and point["iters"] == qdrop_iters:
+                # the tables' reconstruction seed only (qdrop_iters.py --recon-seeds)
+                if m and point["iters"] == qdrop_iters and point.get("recon_seed", 0) == 0:
                     rec = cells.setdefault((m["setting"], int(m["seed"])), {"fp32": None})
                     rec["fp32"] = point["fp32"]
                     rec.setdefault(doc["method"], {})[point["bits"]] = point["top1"]
@@ -142,6 +144,9 @@ def report(
     for setting, row in diffs.items():
         seeds = sorted(set(row["FP32"]) & set(row["QDrop"]))
         fp, q = ({s: row[k][s] for s in seeds} for k in ("FP32", "QDrop"))
+        # RTN over the same seeds as the row's other columns; over its own where no seed has
+        # QDrop (a training-only pass)
+        rtn = {s: v for s, v in row["RTN"].items() if s in seeds or not seeds}
         if seeds:
             fp_ok = statistics.mean(fp.values()) >= -fp32_bar
             q_ok = statistics.mean(q.values()) >= qdrop_bar
@@ -153,7 +158,7 @@ def report(
             verdict, marks = "no seed with FP32 and QDrop", ("-", "-")
         seed_list = ",".join(map(str, seeds)) or "-"
         lines.append(
-            f"| {setting} | {seed_list} | {_fmt(fp)} | {_fmt(row['RTN'])} | {_fmt(q)} | "
+            f"| {setting} | {seed_list} | {_fmt(fp)} | {_fmt(rtn)} | {_fmt(q)} | "
             f"{marks[0]} | {marks[1]} | {verdict} |"
         )
         for s in sorted(set(row["FP32"]) | set(row["RTN"]) | set(row["QDrop"])):

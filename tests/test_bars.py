@@ -75,6 +75,16 @@ def test_the_sweep_points_and_cell_folders_fill_what_the_grids_lack(tmp_path):
     points = [
         {"cell": "sgd_s0", "bits": "w2a4", "iters": 5000, "fp32": 93.2, "top1": 91.67},
         {"cell": "sgd_s0", "bits": "w2a4", "iters": 2000, "fp32": 93.2, "top1": 89.34},
+        # another reconstruction seed of the same point (qdrop_iters.py --recon-seeds): the
+        # tables use seed 0 only, so it does not replace that value
+        {
+            "cell": "sgd_s0",
+            "bits": "w2a4",
+            "iters": 5000,
+            "fp32": 93.2,
+            "top1": 80.0,
+            "recon_seed": 1,
+        },
     ]
     sweep.write_text(json.dumps({"method": "qdrop", "points": points}))
     cell = tmp_path / "cells" / "sgd_s0"
@@ -110,3 +120,30 @@ def test_refusals(tmp_path, capsys):
     assert "no such grid file" in capsys.readouterr().err
     assert bars.main(["--grids", _grid(tmp_path / "g.json", {"good": GOOD})]) == 2
     assert "no 'sgd' cell" in capsys.readouterr().err
+
+
+def test_rtn_is_averaged_over_the_seeds_the_row_is_judged_on(tmp_path):
+    # RTN on three seeds, QDrop on seed 0 only (a sweep's point): the row is judged on seed
+    # 0, and its RTN column is seed 0's difference, not the three seeds' mean.
+    rtn_only = {s: (v[0], v[1]) for s, v in GOOD.items()}
+    cells = [
+        {"name": f"{name}_s{s}", "fp32": v[0], "ptq": {"rtn": {"w2a4": v[1]}}}
+        for name, seeds in (("sgd", SGD), ("good", rtn_only))
+        for s, v in seeds.items()
+    ]
+    grid = tmp_path / "g.json"
+    grid.write_text(json.dumps({"ptq": "rtn", "cells": cells}))
+    sweep = tmp_path / "sweep.json"
+    points = [
+        {"cell": f"{c}_s0", "bits": "w2a4", "iters": 5000, "fp32": v[0][0], "top1": v[0][2]}
+        for c, v in (("sgd", SGD), ("good", GOOD))
+    ]
+    sweep.write_text(json.dumps({"method": "qdrop", "points": points}))
+    out = tmp_path / "bars.md"
+    assert bars.main(["--grids", f"{grid},{sweep}", "--out", str(out)]) == 0
+    row = next(ln for ln in out.read_text().splitlines() if ln.startswith("| good | 0 |"))
+    assert row.split(" | ")[3] == f"{GOOD[0][1] - SGD[0][1]:+.2f}"
+    # Without any QDrop, RTN is averaged over every seed that has it.
+    assert bars.main(["--grids", str(grid), "--out", str(out)]) == 0
+    d = np.array([GOOD[s][1] - SGD[s][1] for s in SGD], np.float64)
+    assert f"| {d.mean():+.2f} ± {d.std(ddof=1):.2f} |" in out.read_text()
