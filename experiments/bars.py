@@ -20,7 +20,9 @@ value is taken.
       --plot experiments/results/fair_bars.png
 
 (`--bits w4a4` / `w2a2` with `--out experiments/results/fair_bars_w4a4.md` ... for the other
-targets.)
+targets. W2A2 is judged at 10,000, where SGD's QDrop has levelled off: `--grids
+experiments/results/fair_points.json,workdirs/dnq_table_fair/cells --bits w2a2 --qdrop-iters
+10000 --out experiments/results/fair_bars_w2a2_10000.md`.)
 """
 
 from __future__ import annotations
@@ -180,7 +182,9 @@ def plot(diffs: dict, path: str, *, bits: str, baseline: str, fp32_bar: float, q
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(names) + 1.6), sharey=True)
     for ax, measure, bar in ((axes[0], "FP32", -fp32_bar), (axes[1], "QDrop", qdrop_bar)):
         for y, name in enumerate(names):
-            vals = list(diffs[name][measure].values())
+            row = diffs[name]
+            judged = set(row["FP32"]) & set(row["QDrop"])  # the seeds the table judges on
+            vals = [v for s, v in row[measure].items() if s in judged or not judged]
             if vals:
                 ax.barh(y, statistics.mean(vals), color="#9ecae1", height=0.6)
                 ax.plot(vals, [y] * len(vals), "o", color="#08519c", ms=4)

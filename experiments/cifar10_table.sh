@@ -2,7 +2,8 @@
 # The paper's table on CIFAR-10 (the JPEG q75 file, data.name=cifar10_jpeg), for a GPU: SGD
 # against DNQ with the noise modelled at each target, every model PTQ-evaluated at FP32 and its
 # target(s) with RTN and QDrop at the fair iteration count (5,000 per block, where QDrop has
-# stopped rising on both an SGD and a DNQ model: experiments/results/qdrop_iters.md);
+# stopped rising on both an SGD and a DNQ model at W2A4 and W4A4: experiments/results/
+# qdrop_iters.md; on ResNet-8 W2A2 needed 10,000, docs/results.md);
 # PTQ=rtn,adaround,brecq,qdrop adds the paper's other two reconstruction methods.
 #
 #   bash experiments/cifar10_table.sh                  (one grid per model in MODELS)
