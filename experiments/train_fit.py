@@ -106,7 +106,9 @@ def paired(rows: list[dict], keys: tuple[str, ...] = FIT_KEYS) -> list[dict]:
 
 
 def plus_minus(mean: float, std: float | None, fmt: str) -> str:
-    return f"{mean:{fmt}}" if std is None else f"{mean:{fmt}} ± {std:.2f}"
+    """The mean in `fmt` (e.g. '+.2f'), the std with the same number of decimals."""
+    std_fmt = "." + fmt.split(".")[-1] if "." in fmt else fmt
+    return f"{mean:{fmt}}" if std is None else f"{mean:{fmt}} ± {std:{std_fmt}}"
 
 
 def to_markdown(rows: list[dict], pairs: list[dict], command: str) -> str:
