@@ -105,6 +105,13 @@ def differences(cells: dict, baseline: str, bits: str) -> dict[str, dict[str, di
     return out
 
 
+def judged(row: dict[str, dict[int, float]], measure: str) -> dict[int, float]:
+    """`row[measure]` over the seeds the row is judged on (those with FP32 and QDrop); over
+    its own seeds where none has QDrop (a training-only pass)."""
+    seeds = set(row["FP32"]) & set(row["QDrop"])
+    return {s: v for s, v in row[measure].items() if s in seeds or not seeds}
+
+
 def _fmt(xs: dict[int, float]) -> str:
     if not xs:
         return "-"
@@ -146,9 +153,7 @@ def report(
     for setting, row in diffs.items():
         seeds = sorted(set(row["FP32"]) & set(row["QDrop"]))
         fp, q = ({s: row[k][s] for s in seeds} for k in ("FP32", "QDrop"))
-        # RTN over the same seeds as the row's other columns; over its own where no seed has
-        # QDrop (a training-only pass)
-        rtn = {s: v for s, v in row["RTN"].items() if s in seeds or not seeds}
+        rtn = judged(row, "RTN")
         if seeds:
             fp_ok = statistics.mean(fp.values()) >= -fp32_bar
             q_ok = statistics.mean(q.values()) >= qdrop_bar
@@ -182,9 +187,7 @@ def plot(diffs: dict, path: str, *, bits: str, baseline: str, fp32_bar: float, q
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(names) + 1.6), sharey=True)
     for ax, measure, bar in ((axes[0], "FP32", -fp32_bar), (axes[1], "QDrop", qdrop_bar)):
         for y, name in enumerate(names):
-            row = diffs[name]
-            judged = set(row["FP32"]) & set(row["QDrop"])  # the seeds the table judges on
-            vals = [v for s, v in row[measure].items() if s in judged or not judged]
+            vals = list(judged(diffs[name], measure).values())
             if vals:
                 ax.barh(y, statistics.mean(vals), color="#9ecae1", height=0.6)
                 ax.plot(vals, [y] * len(vals), "o", color="#08519c", ms=4)
