@@ -2,8 +2,9 @@
 least +1.0 over SGD under QDrop, at one bit-width, over the seeds both have finished?
 
 Reads grid results (`grid.json`, experiments/results/NAME.json) whose cells are named
-SETTING_sSEED, the points of experiments/qdrop_iters.py at the same count, and a grid's
-cells/ folder (each cell's ptq_<method>.json); pairs each row's
+SETTING_sSEED, the points of experiments/qdrop_iters.py at the same count, the "now"
+columns of experiments/bn_stats.py, and a grid's cells/ folder (each cell's
+ptq_<method>.json); pairs each row's
 cell with the baseline's of the same seed, and prints per row the mean and sample std of the
 paired differences (FP32, RTN and QDrop against the baseline, over the seeds where both have
 FP32 and QDrop; RTN over its own where none has QDrop), whether each bar is met on the
@@ -65,6 +66,9 @@ def load(paths: list[str], qdrop_iters: int) -> dict[tuple[str, int], dict]:
                     rec["fp32"] = point["fp32"]
                     rec.setdefault(doc["method"], {})[point["bits"]] = point["top1"]
             continue
+        if doc.get("cells") and "fp32_now" in doc["cells"][0]:  # experiments/bn_stats.py
+            _bn_stats_now(doc["cells"], cells, qdrop_iters, p)
+            continue
         methods = doc.get("ptq") or ""
         if "qdrop" in methods and doc.get("ptq_iters") != qdrop_iters:
             raise SystemExit(
@@ -81,6 +85,26 @@ def load(paths: list[str], qdrop_iters: int) -> dict[tuple[str, int], dict]:
             for method, accs in (cell.get("ptq") or {}).items():
                 rec.setdefault(method, {}).update(accs)
     return cells
+
+
+def _bn_stats_now(rows: list[dict], cells: dict, qdrop_iters: int, path: str) -> None:
+    """The "now" columns of experiments/bn_stats.py (each cell measured by today's code with
+    its statistics as the trainer re-estimates them) into `cells`; QDrop only where its
+    recorded count is `qdrop_iters`, and a file without the count is refused."""
+    for row in rows:
+        m = CELL.match(row["cell"])
+        if not m:
+            continue
+        rec = cells.setdefault((m["setting"], int(m["seed"])), {"fp32": None})
+        rec["fp32"] = row["fp32_now"]
+        rec.setdefault("rtn", {})[row["bits"]] = row["rtn_now"]
+        if "qdrop_now" in row:
+            if row.get("qdrop_iters") != qdrop_iters:
+                raise SystemExit(
+                    f"{path}: {row['cell']}'s QDrop at {row.get('qdrop_iters', 'an unrecorded')}"
+                    f" iterations per block, not {qdrop_iters} (--qdrop-iters)"
+                )
+            rec.setdefault("qdrop", {})[row["bits"]] = row["qdrop_now"]
 
 
 def differences(cells: dict, baseline: str, bits: str) -> dict[str, dict[str, dict[int, float]]]:

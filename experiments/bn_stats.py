@@ -128,6 +128,7 @@ def measure(
         row["fp32_now"], row["rtn_now"] = top1(now)
     if qdrop_iters:
         qs = dataclasses.replace(settings, method="qdrop", iters=qdrop_iters)
+        row["qdrop_iters"] = qdrop_iters
         qdrop = lambda v: evaluate.evaluate_variables(model, v, ds, qs, progress=True)[name]
         rec = (recorded or {}).get(cell.name)
         if rec and name in rec["qdrop"] and abs(rec["fp32"] - fp32) < 0.005:

@@ -147,3 +147,37 @@ def test_rtn_is_averaged_over_the_seeds_the_row_is_judged_on(tmp_path):
     assert bars.main(["--grids", str(grid), "--out", str(out)]) == 0
     d = np.array([GOOD[s][1] - SGD[s][1] for s in SGD], np.float64)
     assert f"| {d.mean():+.2f} ± {d.std(ddof=1):.2f} |" in out.read_text()
+
+
+def test_bn_stats_now_columns_are_read_and_an_unrecorded_count_is_refused(tmp_path):
+    # experiments/bn_stats.py's rows: "now" (today's code, statistics re-estimated) is what
+    # counts, "saved" is not read; a later sweep's point still replaces its QDrop value.
+    def row(cell, saved, now, **extra):
+        return {
+            "cell": cell,
+            "bits": "w2a4",
+            **{f"{k}_saved": v for k, v in zip(("fp32", "rtn", "qdrop"), saved)},
+            **{f"{k}_now": v for k, v in zip(("fp32", "rtn", "qdrop"), now)},
+            **extra,
+        }
+
+    rows = [
+        row("sgd_s0", SGD[0], SGD[0], qdrop_iters=5000),
+        row("dnq_s0", (91.74, 81.19, 91.00), (91.70, 49.09, 90.79), qdrop_iters=5000),
+    ]
+    stats = tmp_path / "bn_stats.json"
+    stats.write_text(json.dumps({"cells": rows, "paired": []}))
+    cells = bars.load([str(stats)], 5000)
+    assert cells[("dnq", 0)] == {"fp32": 91.70, "rtn": {"w2a4": 49.09}, "qdrop": {"w2a4": 90.79}}
+    sweep = tmp_path / "sweep.json"
+    point = {"cell": "sgd_s0", "bits": "w2a4", "iters": 5000, "fp32": 93.2, "top1": 90.57}
+    sweep.write_text(json.dumps({"method": "qdrop", "points": [point]}))
+    diffs = bars.differences(bars.load([str(stats), str(sweep)], 5000), "sgd", "w2a4")
+    got = {k: v[0] for k, v in diffs["dnq"].items()}
+    assert got == pytest.approx({"FP32": 91.70 - 93.2, "RTN": 49.09 - 37.76, "QDrop": 0.22})
+    with pytest.raises(SystemExit, match="QDrop at 5000 iterations per block, not 2000"):
+        bars.load([str(stats)], 2000)
+    del rows[1]["qdrop_iters"]
+    stats.write_text(json.dumps({"cells": rows, "paired": []}))
+    with pytest.raises(SystemExit, match="dnq_s0's QDrop at an unrecorded iterations"):
+        bars.load([str(stats)], 5000)
