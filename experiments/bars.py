@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp32-bar", type=float, default=0.5)
     ap.add_argument("--qdrop-bar", type=float, default=1.0)
     ap.add_argument("--min-seeds", type=int, default=3)
+    ap.add_argument(
+        "--rows", default="", help="comma-separated settings to report (default: every one)"
+    )
     ap.add_argument("--out", default="")
     ap.add_argument("--plot", default="", help="write the figure here (png)")
     args = ap.parse_args(argv)
@@ -251,6 +254,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no '{args.baseline}' cell in {', '.join(paths)}", file=sys.stderr)
         return 2
     every = differences(cells, args.baseline, args.bits)
+    picked = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in picked if r not in every]
+    if unknown:
+        print(
+            f"no such row: {', '.join(unknown)}; choose from: {', '.join(every)}", file=sys.stderr
+        )
+        return 2
+    left_out = [k for k in every if picked and k not in picked]
+    every = {k: row for k, row in every.items() if k not in left_out}
     # Rows measured at other bit-widths only (their FP32 difference alone) are named once.
     diffs = {k: row for k, row in every.items() if row["RTN"] or row["QDrop"]}
     text = report(
@@ -262,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         min_seeds=args.min_seeds,
         qdrop_iters=args.qdrop_iters,
     )
+    if left_out:
+        text += f"\nLeft out (--rows): {', '.join(left_out)}.\n"
     elsewhere = [k for k in every if k not in diffs]
     if elsewhere:
         text += f"\nNo RTN or QDrop result at {args.bits.upper()}: {', '.join(elsewhere)}.\n"

@@ -181,3 +181,14 @@ def test_bn_stats_now_columns_are_read_and_an_unrecorded_count_is_refused(tmp_pa
     stats.write_text(json.dumps({"cells": rows, "paired": []}))
     with pytest.raises(SystemExit, match="dnq_s0's QDrop at an unrecorded iterations"):
         bars.load([str(stats)], 5000)
+
+
+def test_rows_picks_the_reported_rows_and_names_the_rest(tmp_path, capsys):
+    grid = _grid(tmp_path / "g.json", {"sgd": SGD, "good": GOOD, "bad": BAD})
+    out = tmp_path / "bars.md"
+    assert bars.main(["--grids", grid, "--rows", "good", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| good | 0,1,2 |" in text and "| bad |" not in text
+    assert text.endswith("Left out (--rows): bad.\n")
+    assert bars.main(["--grids", grid, "--rows", "good,ugly"]) == 2
+    assert "no such row: ugly; choose from: bad, good" in capsys.readouterr().err
