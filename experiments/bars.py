@@ -23,7 +23,10 @@ value is taken.
 (`--bits w4a4` / `w2a2` with `--out experiments/results/fair_bars_w4a4.md` ... for the other
 targets. W2A2 is judged at 10,000, where SGD's QDrop has levelled off: `--grids
 experiments/results/fair_points.json,workdirs/dnq_table_fair/cells --bits w2a2 --qdrop-iters
-10000 --out experiments/results/fair_bars_w2a2_10000.md`.)
+10000 --out experiments/results/fair_bars_w2a2_10000.md`. The ablations, every value by one
+code: `--grids experiments/results/bn_stats_qdrop.json,experiments/results/qdrop_sgd_now.json,\
+experiments/results/dnq_ablations_fair.json --rows ROW,... --out
+experiments/results/ablation_bars.md`; `--rows` leaves out the rest, named under the tables.)
 """
 
 from __future__ import annotations
