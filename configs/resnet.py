@@ -6,7 +6,7 @@ Command:
   python train.py --config configs/resnet.py:smoke --workdir /tmp/smoke      # seconds, CPU ok
 
 Arguments (comma-separated, after ':'): `smoke`, `fast`, `method=NAME` (sgd, swa, wqn, aqn,
-dnq, naive, lam08, authors, accumulate, sam), or any `group.key=value` of the config, e.g.
+dnq, dnq_half, naive, lam08, authors, accumulate, sam), or any `group.key=value` of the config, e.g.
 `data.name=cifar100`, `model.name=resnet18`, `noise.lambda_max=0.5`.
 
 400 epochs, clean warm-up to epoch 200, noise from 200 with an 80-epoch linear ramp, SWA over

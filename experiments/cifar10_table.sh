@@ -15,7 +15,8 @@
 #   MODELS=resnet20 SEEDS=0 ROWS="sgd dnq_w2a4 lam08_w2a4" RECON_BITS=w2a4 \
 #     bash experiments/cifar10_table.sh
 #                                      (SGD, DNQ as is and `method=lam08`, W2A4: the bigger
-#                                      model of the Fashion-MNIST study)
+#                                      model of the Fashion-MNIST study; add lambda_half_w2a4
+#                                      to ROWS for its three-seed lead)
 #
 # Environment: MODELS (resnet20 mobilenet_v2), SEEDS (0,1,2), PRESET (fast: the paper's
 # protocol scaled to 40 epochs, noise from 20, SWA over the last 10; paper: 400 epochs, noise
@@ -27,28 +28,29 @@
 # is found as configs/resnet.py says (runtime.npz_path, else DNQ_CIFAR10_JPEG, else
 # ../shared/data/ beside the repository).
 #
-# Rows: ResNet-20 at W4A4, W2A4 and W2A2 (sgd evaluated at all three; one dnq cell and one
-# authors cell, `method=authors`: the recipe of the paper's public code, docs/protocol.md,
-# per target; naive_w2a4, `method=naive`: the weight noise the authors' code applies in
-# effect; lam08_w2a4, `method=lam08`: the same at their lambda_max 0.8, the variant of the
-# Fashion-MNIST study closest to both bars); MobileNetV2 at W4A4 and W2A4 (the paper reports
-# it at W4A4). The grid prints each cell's wall time as it finishes ("... done (N s)") and
-# grid.md keeps it. Batch 64, lr 0.015 cosine, wd 1e-3, label smoothing 0.1 (the paper's;
-# configs/resnet.py). With the shared warm-ups each DNQ cell trains only the noise stage,
-# from the SGD cell's state at the noise start (the same run up to there; SWA starts later).
+# Rows: ResNet-20 at W4A4, W2A4 and W2A2 (sgd evaluated at all three; one dnq cell and one authors
+# cell, `method=authors`: the recipe of the paper's public code, docs/protocol.md, per target;
+# naive_w2a4, `method=naive`: the weight noise the authors' code applies in effect; lam08_w2a4,
+# `method=lam08`: the same at their lambda_max 0.8, the Fashion-MNIST study's lead on seed 0;
+# lambda_half_w2a4, `method=dnq,noise.lambda_max=0.5`: the paper's form with the noise held at half
+# strength, the lead over three seeds); MobileNetV2 at W4A4 and W2A4 (the paper reports it at W4A4).
+# The grid prints each cell's wall time as it finishes ("... done (N s)") and grid.md keeps it.
+# Batch 64, lr 0.015 cosine, wd 1e-3, label smoothing 0.1 (the paper's; configs/resnet.py). With the
+# shared warm-ups each DNQ cell trains only the noise stage, from the SGD cell's state at the noise
+# start (the same run up to there; SWA starts later).
 #
-# Not timed on a GPU yet; a projection, to be replaced by the first GPU run's "done (N s)"
-# lines. PRESET=fast trains SGD's 40 epochs, then 20 for each dnq/naive/lam08 cell (from
-# SGD's warm-up) and 40 + 20 + 20 for the three authors cells (their schedule differs from the
-# start): 220 epochs for the nine ResNet-20 rows of a seed. The first slice trains 100 (SGD 40,
-# dnq_w2a4 20, authors_w2a4 40). Assuming a 781-step epoch at batch 64 takes about 2 s on one
-# H100 (an assumption: the one GPU step measured, benchmarks/RESULTS.md, is 3.64 ms at batch
-# 512 bf16 on an H200; at batch 64 a step is bound by its launches, not its arithmetic) and
-# DNQ 1.2x that, the slice trains in about 4 minutes plus its compiles (about a minute), and
-# its three QDrop reconstructions at 5,000 iterations per block must take under about 4
-# minutes together for the slice to fit 9: benchmarks/ptq_speed.py, run by
-# benchmarks/gpu_checks.sh, prints the per-block time to check that first. PRESET=paper is
-# ten times the training. MobileNetV2 is several times slower per epoch.
+# Not timed on a GPU yet; a projection, to be replaced by the first GPU run's "done (N s)" lines.
+# PRESET=fast trains SGD's 40 epochs, then 20 for each dnq/naive/lam08/lambda_half cell (from SGD's
+# warm-up) and 40 + 20 + 20 for the three authors cells (their schedule differs from the start): 240
+# epochs for the ten ResNet-20 rows of a seed. The first slice trains 100 (SGD 40, dnq_w2a4 20,
+# authors_w2a4 40). Assuming a 781-step epoch at batch 64 takes about 2 s on one H100 (an
+# assumption: the one GPU step measured, benchmarks/RESULTS.md, is 3.64 ms at batch 512 bf16 on an
+# H200; at batch 64 a step is bound by its launches, not its arithmetic) and DNQ 1.2x that, the
+# slice trains in about 4 minutes plus its compiles (about a minute), and its three QDrop
+# reconstructions at 5,000 iterations per block must take under about 4 minutes together for the
+# slice to fit 9: benchmarks/ptq_speed.py, run by benchmarks/gpu_checks.sh, prints the per-block
+# time to check that first. PRESET=paper is ten times the training. MobileNetV2 is several times
+# slower per epoch.
 #
 # The grids resume like every grid (run the same command again), and unfinished cells are
 # parked for another machine with `python experiments/park.py save WORKDIR NAME` (NAME is
@@ -83,6 +85,7 @@ cells_for() {  # the --cell arguments of one model
       echo "--cell authors_w2a2:method=authors,noise.w_bits=2,noise.a_bits=2,bits=w2a2"
       echo "--cell naive_w2a4:method=naive,noise.w_bits=2,noise.a_bits=4,bits=w2a4"
       echo "--cell lam08_w2a4:method=lam08,noise.w_bits=2,noise.a_bits=4,bits=w2a4"
+      echo "--cell lambda_half_w2a4:$noise,noise.lambda_max=0.5,noise.w_bits=2,noise.a_bits=4,bits=w2a4"
       ;;
     mobilenet_v2)
       echo "--cell sgd:method=sgd,bits=w4a4+w2a4"

@@ -282,6 +282,20 @@ def test_method_lam08_is_naive_at_lambda_08_and_nothing_else_of_the_recipe():
     assert config_lib.method_name(sym) == "naive"
 
 
+def test_method_dnq_half_is_the_papers_form_at_lambda_05_and_nothing_else():
+    c = resnet.get_config("smoke,method=dnq_half")
+    dnq = config_lib.flat(resnet.get_config("smoke,method=dnq"))
+    differ = {k: v for k, v in config_lib.flat(c).items() if dnq[k] != v}
+    assert differ == {"noise.lambda_max": 0.5}
+    assert config_lib.method_name(c) == "dnq_half"
+    spelled = resnet.get_config("smoke,method=dnq,noise.lambda_max=0.5")
+    assert config_lib.method_name(spelled) == "dnq_half"
+    # The paper's lambda, or another weight form at 0.5, is not the preset.
+    assert config_lib.method_name(resnet.get_config("smoke")) == "dnq"
+    other = resnet.get_config("smoke,method=naive,noise.lambda_max=0.5")
+    assert config_lib.method_name(other) == "naive"
+
+
 def test_method_authors_trains_end_to_end_on_the_smoke_config(tmp_path):
     from dnq_jax.train import metrics
     from dnq_jax.train.loop import train_and_evaluate

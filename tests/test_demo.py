@@ -6,13 +6,15 @@ from dnq_jax.grid import demo
 
 
 def test_the_demo_reconstructs_only_at_the_dnq_targets():
-    sgd, lam08 = demo.demo_cells(10, ("w2a4",))
-    assert sgd.bits == lam08.bits == ((4, 4), (2, 4))
-    for cell in (sgd, lam08):
+    sgd, half = demo.demo_cells(10, ("w2a4",))
+    assert sgd.bits == half.bits == ((4, 4), (2, 4))
+    for cell in (sgd, half):
         assert cell.bits_for("rtn") == ((4, 4), (2, 4))
         assert cell.bits_for("qdrop") == ((2, 4),)
-    # The default form: the in-place noise at lambda_max 0.8; the paper's when asked.
-    assert lam08.overrides == "method=lam08" and sgd.config.noise.weight == "none"
+    # The default form: the paper's at lambda 0.5; the paper's at lambda 1 when asked.
+    assert half.overrides == "method=dnq_half" and sgd.config.noise.weight == "none"
+    assert (half.config.noise.weight, half.config.noise.lambda_max) == ("differential", 0.5)
+    (_, lam08) = demo.demo_cells(10, ("w2a4",), "lam08")
     assert (lam08.config.noise.weight, lam08.config.noise.lambda_max) == ("naive", 0.8)
     (_, dnq) = demo.demo_cells(10, ("w2a4",), "dnq")
     assert dnq.config.noise.weight == "differential" and dnq.config.noise.lambda_max == 1.0

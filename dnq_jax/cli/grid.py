@@ -157,8 +157,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     flags.DEFINE_string(
         "method",
         demo.DEMO_METHOD,
-        "The DNQ models' method or recipe: lam08 (the in-place noise at lambda_max 0.8), dnq "
-        "(the paper's form), naive, authors, ...",
+        "The DNQ models' method or recipe: dnq_half (the paper's form at lambda 0.5), dnq "
+        "(the paper's form), lam08 (the in-place noise at lambda_max 0.8), naive, authors, ...",
         flag_values=f,
     )
     flags.DEFINE_string(

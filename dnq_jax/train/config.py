@@ -92,7 +92,7 @@ def build(arg: str | None = None, **defaults) -> ml_collections.ConfigDict:
 
 def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
     """Set the four ablation switches of `method` (sgd, swa, wqn, aqn, dnq, naive, ...), or
-    every key of a recipe (`authors`, `lam08`)."""
+    every key of a recipe (`authors`, `lam08`, `dnq_half`)."""
     if method in RECIPES:
         return apply_pairs(c, [f"{k}={v}" for k, v in RECIPES[method].items()])
     if method not in METHODS:
