@@ -31,7 +31,7 @@
 # Rows: ResNet-20 at W4A4, W2A4 and W2A2 (sgd evaluated at all three; one dnq cell and one authors
 # cell, `method=authors`: the recipe of the paper's public code, docs/protocol.md, per target;
 # naive_w2a4, `method=naive`: the weight noise the authors' code applies in effect; lam08_w2a4,
-# `method=lam08`: the same at their lambda_max 0.8, the Fashion-MNIST study's lead on seed 0;
+# `method=lam08`: the same at their lambda_max 0.8, the authors' path row closest to both bars;
 # lambda_half_w2a4, `method=dnq,noise.lambda_max=0.5`: the paper's form with the noise held at half
 # strength, the lead over three seeds); MobileNetV2 at W4A4 and W2A4 (the paper reports it at W4A4).
 # The grid prints each cell's wall time as it finishes ("... done (N s)") and grid.md keeps it.

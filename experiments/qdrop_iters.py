@@ -196,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
             "top1": r[name],
             "fp32": r["fp32"],
             "time_s": round(time.time() - t0, 1),
+            # Each block's output error after reconstruction: which model this point measured.
+            "loss_after": [
+                float(b["loss_after"])
+                for b in r.get("reconstruction", {}).get(name, {}).get("blocks", [])
+            ],
         }
         results["points"].append(point)
         _write(out, results)

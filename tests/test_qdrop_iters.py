@@ -45,13 +45,15 @@ def test_each_reconstruction_seed_is_its_own_point_and_a_rerun_skips_them(
         )
         refs[seed] = evaluate.evaluate_variables(model, variables, ds, settings, progress=False)
         assert refs[seed]["reconstruction"]["w4a4"]["settings"]["seed"] == seed
-    assert points[1]["top1"] == pytest.approx(refs[1]["w4a4"], abs=1e-9)
-    assert points[2]["top1"] == pytest.approx(refs[3]["w4a4"], abs=1e-9)
-    # Another seed gives another model: the blocks' errors after reconstruction differ (the
-    # top-1 on the smoke run's 128 test images can coincide).
+    # Each point is the model of its seed, and another seed gives another model: the blocks'
+    # errors after reconstruction (the top-1 on the smoke run's 128 test images can coincide).
     after = {
-        s: [b["loss_after"] for b in r["reconstruction"]["w4a4"]["blocks"]] for s, r in refs.items()
+        s: [float(b["loss_after"]) for b in r["reconstruction"]["w4a4"]["blocks"]]
+        for s, r in refs.items()
     }
+    for point, seed in ((points[1], 1), (points[2], 3)):
+        assert point["top1"] == pytest.approx(refs[seed]["w4a4"], abs=1e-9)
+        assert point["loss_after"] == pytest.approx(after[seed], rel=1e-6) and after[seed]
     assert after[1] != after[3]
 
     md = out.with_suffix(".md").read_text()

@@ -15,7 +15,8 @@ reconstruction cut short punishes the sharper SGD model a second time, so the co
 as the demo's time allows (2,000: the DNQ model levels off by 200, the SGD one still gains 4
 points from 1,000 to 2,000, experiments/results/demo_qdrop_iters.md). That costs 1.6 to 2.4
 minutes per model on 2 CPU cores, so QDrop gets one column (W4A4 is shown with RTN only);
-`--qdrop-iters 0` leaves QDrop out (215 s of the README capture's 520). A DNQ model evaluated
+`--qdrop-iters 0` leaves QDrop out (215 s of 520 in a capture on an AVX-512 CPU; on an
+AVX2-only one the whole demo took 1178 s). A DNQ model evaluated
 at a precision its noise was not modelled at is marked off target. It is a grid
 (`dnq_jax.grid`) of one cell per model, so it resumes and writes grid.md; it prints one table
 and writes table.txt, results.json, accuracy_vs_bits.png (RTN) and training_curves.png under
