@@ -268,32 +268,29 @@ def test_method_authors_sets_every_key_of_the_recipe_and_config_json_records_it(
             config_lib.validate(resnet.get_config("smoke," + bad))
 
 
-def test_method_lam08_is_naive_at_lambda_08_and_nothing_else_of_the_recipe():
-    c = resnet.get_config("smoke,method=lam08")
-    naive = config_lib.flat(resnet.get_config("smoke,method=naive"))
-    differ = {k: v for k, v in config_lib.flat(c).items() if naive[k] != v}
-    assert differ == {"noise.lambda_max": 0.8}
-    assert config_lib.method_name(c) == "lam08"
-    # The study's spelling of the row names it too; one more key of the authors' recipe
-    # makes it neither preset (the name falls back to the switches).
-    spelled = resnet.get_config("smoke,method=naive,noise.lambda_max=0.8")
-    assert config_lib.method_name(spelled) == "lam08"
-    sym = resnet.get_config("smoke,method=lam08,noise.w_quantizer=symmetric")
-    assert config_lib.method_name(sym) == "naive"
-
-
-def test_method_dnq_half_is_the_papers_form_at_lambda_05_and_nothing_else():
-    c = resnet.get_config("smoke,method=dnq_half")
-    dnq = config_lib.flat(resnet.get_config("smoke,method=dnq"))
-    differ = {k: v for k, v in config_lib.flat(c).items() if dnq[k] != v}
-    assert differ == {"noise.lambda_max": 0.5}
-    assert config_lib.method_name(c) == "dnq_half"
-    spelled = resnet.get_config("smoke,method=dnq,noise.lambda_max=0.5")
-    assert config_lib.method_name(spelled) == "dnq_half"
-    # The paper's lambda, or another weight form at 0.5, is not the preset.
-    assert config_lib.method_name(resnet.get_config("smoke")) == "dnq"
-    other = resnet.get_config("smoke,method=naive,noise.lambda_max=0.5")
-    assert config_lib.method_name(other) == "naive"
+@pytest.mark.parametrize(
+    "preset, base, lam, other, other_name",
+    [
+        # naive's in-place noise at the authors' lambda 0.8; one more key of their recipe
+        # makes it neither preset (the name falls back to the switches)
+        ("lam08", "naive", 0.8, "method=lam08,noise.w_quantizer=symmetric", "naive"),
+        # the paper's form at lambda 0.5; another weight form at 0.5 is not the preset
+        ("dnq_half", "dnq", 0.5, "method=naive,noise.lambda_max=0.5", "naive"),
+    ],
+)
+def test_a_lambda_preset_is_its_method_at_that_lambda_and_nothing_else(
+    preset, base, lam, other, other_name
+):
+    c = resnet.get_config(f"smoke,method={preset}")
+    plain = config_lib.flat(resnet.get_config(f"smoke,method={base}"))
+    differ = {k: v for k, v in config_lib.flat(c).items() if plain[k] != v}
+    assert differ == {"noise.lambda_max": lam}
+    assert config_lib.method_name(c) == preset
+    assert config_lib.method_name(resnet.get_config(f"smoke,method={base}")) == base
+    # The studies' spelling of the row names it too.
+    spelled = resnet.get_config(f"smoke,method={base},noise.lambda_max={lam}")
+    assert config_lib.method_name(spelled) == preset
+    assert config_lib.method_name(resnet.get_config(f"smoke,{other}")) == other_name
 
 
 def test_method_authors_trains_end_to_end_on_the_smoke_config(tmp_path):
